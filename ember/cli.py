@@ -1,0 +1,75 @@
+"""`ember <command> [--config FILE] [--a.b=value ...]`.
+
+Each command is a recipe module with a `Config` dataclass and `main(cfg)`; this file only maps
+command names to modules (imported lazily, so `ember --help` is instant) and parses the config.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command words -> (recipe module, one-line summary)
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("pretrain",): ("ember.recipes.pretrain", "train a model from scratch on token shards (the main job)"),
+    ("generate",): ("ember.recipes.generate", "generate text from a checkpoint"),
+    ("chat",): ("ember.recipes.chat", "chat with a checkpoint interactively"),
+    ("convert",): ("ember.recipes.convert", "convert checkpoints to/from Hugging Face format"),
+    ("model", "info"): ("ember.recipes.model_info", "parameters, FLOPs and memory of a preset or checkpoint"),
+    ("tokenizer", "train"): ("ember.recipes.tokenizer_train", "train a byte-level BPE tokenizer"),
+    ("data", "prepare"): ("ember.recipes.data_prepare", "clean, filter, dedup, scrub and tokenize text into shards"),
+    ("plot",): ("ember.recipes.plot", "plot a run's metrics to PNG curves"),
+}
+
+
+def _usage() -> str:
+    width = max(len(" ".join(k)) for k in COMMANDS)
+    lines = ["usage: ember <command> [--config FILE] [--a.b=value ...]", "", "commands:"]
+    lines += [f"  {' '.join(k):<{width}}  {summary}" for k, (_, summary) in COMMANDS.items()]
+    lines += ["", "Run `ember <command> --help` for a command's options (with their defaults)."]
+    return "\n".join(lines)
+
+
+def _match(argv: list[str]) -> tuple[tuple[str, ...], list[str]] | None:
+    for words in sorted(COMMANDS, key=len, reverse=True):
+        if tuple(argv[: len(words)]) == words:
+            return words, argv[len(words):]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from ember import __version__
+        print(f"ember {__version__}")
+        return 0
+    found = _match(argv)
+    if found is None:
+        print(f"ember: unknown command '{' '.join(argv[:2])}'\n\n{_usage()}", file=sys.stderr)
+        return 2
+    words, rest = found
+    recipe = importlib.import_module(COMMANDS[words][0])
+    from ember.config import ConfigError, parse
+    from ember.errors import EmberError
+
+    try:
+        cfg = parse(recipe.Config, rest, prog="ember " + " ".join(words), description=recipe.__doc__)
+    except ConfigError as e:
+        print(f"ember {' '.join(words)}: config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = recipe.main(cfg)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except EmberError as e:
+        print(f"ember {' '.join(words)}: error: {e}", file=sys.stderr)
+        return 1
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Configuration: dataclasses <-> YAML <-> command line.
+
+Precedence, in one sentence: dataclass defaults < the YAML file given with `--config FILE`
+< `--a.b=value` flags on the command line.
+
+* YAML is read with `yaml.safe_load` and converted *strictly*: an unknown key or a value of the
+  wrong type is a `ConfigError` naming the file and the dotted key (with a "did you mean").
+* The command line is parsed by `tyro`, which gives dotted flags (`--train.lr=1e-3`, hyphens or
+  underscores), help from the dataclasses' attribute docstrings and typo suggestions.
+* `to_dict` / `save_yaml` write the resolved config; every checkpoint carries it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from ember.errors import EmberError
+from ember.fileio import atomic_write_text
+
+T = TypeVar("T")
+
+
+class ConfigError(EmberError, ValueError):
+    """A config file or flag that does not fit its dataclass; the message names the key."""
+
+
+# ---------------------------------------------------------------------------- dict -> dataclass
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to float)."""
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arm in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arm, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"key '{key}': expected one of {list(args)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"key '{key}': expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"key '{key}': expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        out = [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"key '{key}': expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"key '{key}': expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
+    """Build dataclass `cls` from a plain dict, strictly (unknown keys and wrong types raise)."""
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"
+            raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
+        kwargs[key] = _convert(value, hints[key], prefix + key)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+
+
+def to_dict(obj: Any) -> dict:
+    """A resolved config as plain dicts/lists (YAML/JSON-safe)."""
+    return dataclasses.asdict(obj)
+
+
+def replace(obj: T, **changes: Any) -> T:
+    return dataclasses.replace(obj, **changes)
+
+
+# ---------------------------------------------------------------------------- YAML
+def load_yaml(path: str | Path, cls: type[T]) -> T:
+    """Read a YAML run file into `cls`; errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def save_yaml(obj: Any, path: str | Path) -> None:
+    atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------- command line
+def _bool_keys(cls: type, prefix: str = "") -> set[str]:
+    """Dotted names of every bool field (for `--flag=true` -> `--flag`)."""
+    out = set()
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if tp is bool:
+            out.add(prefix + f.name)
+        elif dataclasses.is_dataclass(tp):
+            out |= _bool_keys(tp, prefix + f.name + ".")
+    return out
+
+
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+def _normalize_bools(argv: list[str], bools: set[str]) -> list[str]:
+    """tyro spells booleans as `--x` / `--no-x`; also accept `--x=true|false`."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and "=" in arg:
+            name, value = arg[2:].split("=", 1)
+            key = name.replace("-", "_")
+            if key in bools and value.lower() in _TRUE | _FALSE:
+                head, _, leaf = name.rpartition(".")
+                arg = f"--{name}" if value.lower() in _TRUE else f"--{head + '.' if head else ''}no-{leaf}"
+        out.append(arg)
+    return out
+
+
+def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
+    path, rest, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a file: --config configs/NAME.yaml")
+            path, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+        i += 1
+    return path, rest
+
+
+def parse(cls: type[T], argv: list[str] | None = None, prog: str = "ember", description: str | None = None) -> T:
+    """defaults < YAML (`--config FILE`) < `--a.b=value` flags -> an instance of `cls`."""
+    import tyro  # imported here: it is only needed on the command line
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path, rest = _split_config_flag(argv)
+    base = load_yaml(path, cls) if path else cls()
+    rest = _normalize_bools(rest, _bool_keys(cls))
+    desc = (description or cls.__doc__ or "").strip()
+    if desc:
+        desc += "\n\nPrecedence: defaults < --config FILE (YAML) < --a.b=value flags."
+    return tyro.cli(cls, args=rest, default=base, prog=prog, description=desc)

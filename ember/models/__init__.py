@@ -1,0 +1,6 @@
+"""ember.models: one decoder Transformer family (plain PyTorch; imports torch only)."""
+
+from ember.models.config import PRESETS, ModelConfig, RopeScaling, preset
+from ember.models.transformer import Transformer
+
+__all__ = ["PRESETS", "ModelConfig", "RopeScaling", "Transformer", "preset"]

@@ -1,0 +1,138 @@
+"""Building blocks of the decoder: norms, rotary embeddings, attention, MLPs, the block.
+
+Shapes (legend in models/config.py): x is (B, T, C); q is (B, H, T, D); k, v are (B, K, S, D).
+
+Grouped-query attention, H=8 query heads sharing K=2 key/value heads:
+
+    q heads:  0 1 2 3 | 4 5 6 7
+                 \\|/   |   \\|/
+    kv heads:     0    |    1          (SDPA enable_gqa broadcasts each kv head over H/K q heads)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ember.models.config import ModelConfig, RopeScaling
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+# ------------------------------------------------------------------------------------------ RoPE
+def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[RopeScaling] = None,
+                  device: Optional[torch.device] = None) -> torch.Tensor:
+    """Inverse frequencies (D/2,), with Llama-3 scaling of long wavelengths if given."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    if scaling is None:
+        return inv
+    lo_wl = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    hi_wl = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    scaled = torch.where(wavelen > lo_wl, inv / scaling.factor, inv)
+    mid = (wavelen <= lo_wl) & (wavelen >= hi_wl)
+    return torch.where(mid, (1 - smooth) * inv / scaling.factor + smooth * inv, scaled)
+
+
+def rope_cache(cfg: ModelConfig, device: Optional[torch.device] = None) -> torch.Tensor:
+    """(block_size, D) table: cos in the first D/2 columns, sin in the last D/2."""
+    inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device)
+    t = torch.arange(cfg.block_size, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv)  # (T, D/2)
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, h, T, D) by rope (T, D) or (B, T, D); HF "rotate_half" layout (pairs i, i + D/2)."""
+    cos, sin = rope.chunk(2, dim=-1)  # (..., T, D/2)
+    if rope.dim() == 3:  # per-sample positions: (B, T, D/2) -> (B, 1, T, D/2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.type_as(x)
+
+
+# ------------------------------------------------------------------------------------- attention
+class Attention(nn.Module):
+    """Multi-head attention with MHA/GQA/MQA, optional RoPE, optional KV cache, via SDPA."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, K, D, C = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.n_embd
+        self.head_dim, self.rope = D, cfg.pos_emb == "rope"
+        self.dropout = cfg.dropout
+        self.wq = nn.Linear(C, H * D, bias=cfg.bias)
+        self.wk = nn.Linear(C, K * D, bias=cfg.bias)
+        self.wv = nn.Linear(C, K * D, bias=cfg.bias)
+        self.wo = nn.Linear(H * D, C, bias=cfg.bias)
+        self.kv_cache: Optional[nn.Module] = None  # set by models.kv_cache.setup_caches
+
+    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                is_causal: bool, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        # view(B, T, -1, D): the head count is local under tensor parallelism
+        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        if self.rope:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if self.kv_cache is not None and input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, K, S, D)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=q.shape[1] != k.shape[1])
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+# ------------------------------------------------------------------------------------------ MLPs
+class GeluMLP(nn.Module):
+    """GPT-2 MLP: w2(gelu_tanh(w1 x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=cfg.bias)
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+
+
+class SwiGLU(nn.Module):
+    """Llama MLP: w2(silu(w1 x) * w3 x)  (w1 = gate, w3 = up, w2 = down)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=cfg.bias)
+        self.w3 = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=cfg.bias)
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+# ----------------------------------------------------------------------------------------- block
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = make_norm(cfg)
+        self.attention = Attention(cfg)
+        self.ffn_norm = make_norm(cfg)
+        self.feed_forward = SwiGLU(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                is_causal: bool, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.resid_dropout(self.attention(self.attention_norm(x), rope, mask, is_causal, input_pos))
+        return x + self.resid_dropout(self.feed_forward(self.ffn_norm(x)))

@@ -1,0 +1,147 @@
+"""The decoder Transformer (GPT-2 and Llama styles from one ModelConfig).
+
+    tokens (B, T) ─ tok_embeddings (+ pos_embeddings) ─ layers["0"] … layers[str(L-1)] ─ norm ─ output ─ logits (B, T, V)
+
+`forward` returns logits; losses live in ember/train/loss.py. Blocks sit in an `nn.ModuleDict` keyed
+by str(i) so a pipeline stage can delete the ones it does not own; `tok_embeddings`, `norm` and
+`output` may be set to None and then pass activations through (torchtitan's convention).
+
+Build large models on the meta device, parallelize, then `to_empty()` and `init_weights()`:
+
+    with torch.device("meta"):
+        model = Transformer(preset("llama-3-8b"))
+    model.to_empty(device="cuda"); model.init_weights()
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ember.models.config import ModelConfig
+from ember.models.layers import Block, make_norm, rope_cache
+
+
+def attention_mask(mode: str, T: int, S: int, device: torch.device, input_pos: Optional[torch.Tensor] = None,
+                   prefix_len: Optional[torch.Tensor] = None) -> tuple[Optional[torch.Tensor], bool]:
+    """The boolean mask (True = may attend) for one mask mode, and whether SDPA's is_causal suffices.
+
+    Without a cache the query at position t sees keys 0..T-1 subject to the mode; with a cache
+    (`input_pos`: (T,) slots the queries occupy) keys are the S cache slots, and slots after the
+    query's own are never visible (they are empty).
+    Returns (mask of shape (1 or B, 1, T, S) or None, is_causal).
+    """
+    q = (input_pos if input_pos is not None else torch.arange(T, device=device)).view(-1, 1)  # (T, 1)
+    k = torch.arange(S, device=device).view(1, -1)  # (1, S)
+    if mode == "prefix":
+        if prefix_len is None:
+            raise ValueError("mask='prefix' needs prefix_len: a (B,) tensor of prefix lengths")
+        visible = (k <= q) | (k < prefix_len.view(-1, 1, 1).to(device))  # (B, T, S)
+        return visible.unsqueeze(1), False
+    if mode == "bidirectional":
+        if input_pos is None:
+            return None, False
+        return (k <= q.max()).view(1, 1, 1, S).expand(1, 1, T, S), False
+    if input_pos is None and T == S:
+        return None, True
+    return (k <= q).view(1, 1, T, S), False
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings: Optional[nn.Embedding] = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_embeddings: Optional[nn.Embedding] = (
+            nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
+        self.norm: Optional[nn.Module] = make_norm(cfg)
+        self.output: Optional[nn.Linear] = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.pos_emb == "rope":
+            self.register_buffer("rope", rope_cache(cfg), persistent=False)  # (block_size, D)
+        else:
+            self.rope = None
+        self.tie_weights()
+
+    # ------------------------------------------------------------------------------------- init
+    def tie_weights(self) -> None:
+        """Share the embedding with the head (again: `to_empty()` unties parameters)."""
+        if self.cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
+
+    @torch.no_grad()
+    def init_weights(self, seed: Optional[int] = None) -> None:
+        """GPT-2 init: N(0, init_std); residual output projections N(0, init_std / sqrt(2 L)); norms 1, biases 0."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        cfg = self.cfg
+        self.tie_weights()
+        resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
+        for name, mod in self.named_modules():
+            if isinstance(mod, nn.Linear):
+                std = resid_std if name.endswith(("attention.wo", "feed_forward.w2")) else cfg.init_std
+                nn.init.normal_(mod.weight, 0.0, std)
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+            elif isinstance(mod, nn.Embedding):
+                nn.init.normal_(mod.weight, 0.0, cfg.init_std)
+            elif isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
+                mod.reset_parameters()
+        if self.rope is not None:
+            self.rope.copy_(rope_cache(cfg, device=self.rope.device))
+
+    # ---------------------------------------------------------------------------------- forward
+    def forward(self, tokens: torch.Tensor, *, input_pos: Optional[torch.Tensor] = None,
+                positions: Optional[torch.Tensor] = None, prefix_len: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (B, T, V), or hidden states when `output` is None (pipeline stages).
+
+        tokens:     (B, T) token ids, or (B, T, C) activations when `tok_embeddings` is None.
+        input_pos:  (T,) KV-cache slots the tokens occupy (decoding with caches set up).
+        positions:  (T,) or (B, T) position ids for RoPE / learned positions; default input_pos or 0..T-1.
+        prefix_len: (B,) prefix lengths, for mask='prefix'.
+        attn_mask:  (B, 1, T, S) bool, AND-ed with the mode's mask (e.g. left-padding in batched decode).
+        """
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        B, T = h.shape[:2]
+        if positions is None:
+            positions = input_pos if input_pos is not None else torch.arange(T, device=h.device)
+        if self.pos_embeddings is not None:
+            h = h + self.pos_embeddings(positions)
+        h = self.drop(h)
+        rope = self.rope[positions] if self.rope is not None else None
+        S = self._key_len(T, input_pos)
+        mask, is_causal = attention_mask(self.cfg.mask, T, S, h.device, input_pos, prefix_len)
+        if attn_mask is not None:
+            mask, is_causal = (attn_mask if mask is None else mask & attn_mask), False
+        for layer in self.layers.values():
+            h = layer(h, rope, mask, is_causal, input_pos)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.output(h) if self.output is not None else h
+
+    def _key_len(self, T: int, input_pos: Optional[torch.Tensor]) -> int:
+        if input_pos is None:
+            return T
+        for layer in self.layers.values():
+            if layer.attention.kv_cache is not None:
+                return layer.attention.kv_cache.k.shape[2]
+        return T
+
+    # ------------------------------------------------------------------------------------ utils
+    def num_params(self, embedding: bool = True) -> int:
+        """Counted from the parameters (shared ones once); embedding=False leaves out tok/pos embeddings."""
+        seen, total = set(), 0
+        skip = set()
+        if not embedding:
+            skip = {id(m.weight) for m in (self.tok_embeddings, self.pos_embeddings) if m is not None}
+        for p in self.parameters():
+            if id(p) in seen or id(p) in skip:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
