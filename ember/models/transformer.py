@@ -91,8 +91,21 @@ class Transformer(nn.Module):
                 nn.init.normal_(mod.weight, 0.0, cfg.init_std)
             elif isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
                 mod.reset_parameters()
-        if self.rope is not None:
-            self.rope.copy_(rope_cache(cfg, device=self.rope.device))
+        self.reset_buffers()
+
+    def reset_buffers(self, device: Optional[torch.device] = None) -> None:
+        """Recompute the non-persistent buffers (the fp32 RoPE table) without touching the weights.
+
+        Needed after `to_empty()` or after loading weights with `load_state_dict(assign=True)` into a
+        model built on meta. `device` defaults to the buffer's own device, or the parameters' when meta.
+        """
+        if self.rope is None:
+            return
+        if device is None:
+            device = self.rope.device
+            if device.type == "meta":
+                device = next((p.device for p in self.parameters() if p.device.type != "meta"), device)
+        self.rope = rope_cache(self.cfg, device=device)
 
     # ---------------------------------------------------------------------------------- forward
     def forward(self, tokens: torch.Tensor, *, input_pos: Optional[torch.Tensor] = None,
