@@ -1,0 +1,237 @@
+"""The ember checkpoint format: a directory of safetensors weights plus JSON metadata.
+
+    <dir>/
+      model.safetensors   the weights, contiguous, on cpu; a tied head is stored once (no output.weight)
+      ember.json          {"format": "ember-checkpoint", "format_version": 1, "ember_version": ...,
+                           "model": <ModelConfig dict>, "tokenizer": "tokenizer/" | null,
+                           "dtype": "float32", "extra": {...}}
+      tokenizer/          optional copy of the tokenizer (load it with `Tokenizer.load(dir / "tokenizer")`)
+
+Writes are atomic: the whole directory is built next to the target and renamed over it, so a crash
+leaves the previous checkpoint (or nothing), never a half-written one. Loading never executes code
+(safetensors and json only), and every bad file is a `CheckpointError` naming the file and the fix.
+
+`save_checkpoint` wants a plain (unsharded) model. A trainer with FSDP/TP parameters (DTensors) first
+gathers a full state dict, e.g. `get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+cpu_offload=True))`, and calls `save_state_dict` on rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+
+from ember.errors import EmberError
+from ember.fileio import atomic_dir
+from ember.models import ModelConfig, Transformer
+
+FORMAT = "ember-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+META = "ember.json"
+TOKENIZER = "tokenizer"
+
+# module-wrapper segments that torch.compile / activation checkpointing / DDP add to parameter names
+_WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "module.")
+
+
+class CheckpointError(EmberError):
+    """A checkpoint directory that is missing, corrupt or does not match its config."""
+
+
+# -------------------------------------------------------------------------------------------- save
+def save_checkpoint(model: Transformer, out_dir: str | Path, tokenizer_dir: Optional[str | Path] = None,
+                    extra: Optional[dict] = None) -> Path:
+    """Write `model` (plain, unsharded) as a checkpoint directory; returns its path."""
+    return save_state_dict(model.state_dict(), model.cfg, out_dir, tokenizer_dir=tokenizer_dir, extra=extra)
+
+
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], model_cfg: ModelConfig, out_dir: str | Path,
+                    tokenizer_dir: Optional[str | Path] = None, extra: Optional[dict] = None) -> Path:
+    """Write a full (gathered) state dict of a `Transformer(model_cfg)` as a checkpoint directory."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    tensors = _storable(state_dict, model_cfg)
+    _check_tensors(tensors, model_cfg, where="state dict given to save_state_dict")
+    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
+        raise CheckpointError(f"{tokenizer_dir}: tokenizer directory not found. "
+                              "HINT: pass the directory holding tokenizer.json (or None).")
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "ember_version": _ember_version(),
+        "model": model_cfg.to_dict(),
+        "tokenizer": f"{TOKENIZER}/" if tokenizer_dir is not None else None,
+        "dtype": _dtype_name(tensors),
+        "extra": dict(extra or {}),
+    }
+    try:
+        meta_text = json.dumps(meta, indent=2)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{out / META}: `extra` is not JSON-serialisable ({e}). "
+                              "HINT: keep extra to str/int/float/bool/list/dict values.") from None
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, tmp / TOKENIZER)
+        (tmp / META).write_text(meta_text + "\n")
+    return out
+
+
+def _storable(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Clean names, drop a tied head, and make every tensor a plain contiguous cpu tensor."""
+    out = {}
+    for name, t in state_dict.items():
+        for part in _WRAPPER_PARTS:
+            name = name.replace(part, "")
+        if cfg.tie_embeddings and name == "output.weight":
+            continue
+        if _is_dtensor(t):
+            raise CheckpointError(f"state dict tensor '{name}' is a sharded DTensor. HINT: gather a full state "
+                                  "dict first (torch.distributed.checkpoint.state_dict.get_model_state_dict with "
+                                  "StateDictOptions(full_state_dict=True, cpu_offload=True)) and call "
+                                  "save_state_dict on rank 0.")
+        out[name] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def _dtype_name(tensors: Mapping[str, torch.Tensor]) -> str:
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+    return dtypes[0] if len(dtypes) == 1 else "mixed"
+
+
+def _ember_version() -> str:
+    from ember import __version__
+
+    return __version__
+
+
+# -------------------------------------------------------------------------------------------- load
+def read_meta(ckpt_dir: str | Path) -> dict:
+    """The validated contents of `<ckpt_dir>/ember.json`."""
+    d = Path(ckpt_dir)
+    if not d.exists():
+        raise CheckpointError(f"{d}: checkpoint directory not found. "
+                              "HINT: check the path; a checkpoint is a directory holding ember.json and model.safetensors.")
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: is a file, expected a checkpoint directory. "
+                              "HINT: pass the directory that holds ember.json and model.safetensors.")
+    path = d / META
+    if not path.is_file():
+        hint = ("it looks like a Hugging Face model: run `ember convert --from-hf DIR --out NEW_DIR` first"
+                if (d / "config.json").is_file() else "re-save the checkpoint with ember (save_checkpoint)")
+        raise CheckpointError(f"{path}: missing, so {d} is not an ember checkpoint. HINT: {hint}.")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}). "
+                              "HINT: the file is corrupt; restore it or re-save the checkpoint.") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path}: format is {found!r}, expected {FORMAT!r}. "
+                              "HINT: this is not an ember checkpoint; re-save it with ember.")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{path}: format_version is {version!r}, expected an integer >= 1. "
+                              "HINT: the file is corrupt; re-save the checkpoint.")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version} is newer than this ember reads "
+                              f"({FORMAT_VERSION}). HINT: upgrade ember (pip install -U ember).")
+    if not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{path}: 'model' must be the model config mapping, got {meta.get('model')!r}. "
+                              "HINT: the file is corrupt; re-save the checkpoint.")
+    return meta
+
+
+def model_config(meta: dict, ckpt_dir: str | Path = "?") -> ModelConfig:
+    """The ModelConfig recorded in a checkpoint's metadata."""
+    try:
+        return ModelConfig.from_dict(dict(meta["model"]))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(ckpt_dir) / META}: 'model' is not a valid ModelConfig ({e}). "
+                              "HINT: the checkpoint may come from a newer ember: upgrade ember.") from None
+
+
+def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu",
+                    dtype: Optional[torch.dtype] = None) -> tuple[Transformer, dict]:
+    """Build the model a checkpoint describes (on meta), load its weights, re-tie, eval mode.
+
+    Returns (model, meta). `dtype` casts floating weights (None keeps the stored dtype); the RoPE
+    table stays fp32.
+    """
+    d = Path(ckpt_dir)
+    meta = read_meta(d)
+    cfg = model_config(meta, d)
+    tensors = _read_tensors(d / WEIGHTS, device)
+    _check_tensors(tensors, cfg, where=str(d / WEIGHTS))
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    if cfg.tie_embeddings:
+        tensors["output.weight"] = tensors["tok_embeddings.weight"]
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    model.tie_weights()
+    model.reset_buffers(torch.device(device))
+    return model.eval(), meta
+
+
+def _read_tensors(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file missing. "
+                              "HINT: the checkpoint is incomplete; re-save it or copy model.safetensors back.")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot read the safetensors file, it is truncated or corrupt ({e}). "
+                              "HINT: re-copy or re-save the checkpoint.") from None
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape that a checkpoint of `cfg` stores (a tied head is left out)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        shapes.pop("output.weight", None)
+    return shapes
+
+
+def _check_tensors(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig, where: str) -> None:
+    """Names and shapes must be exactly those of `Transformer(cfg)`."""
+    expected = expected_shapes(cfg)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    hint = ("HINT: the weights do not belong to this model config; fix 'model' in ember.json "
+            "or re-save the checkpoint with ember.")
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing tensor(s) {_few(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s) {_few(unexpected)}")
+        raise CheckpointError(f"{where}: {' and '.join(parts)} for the model config. {hint}")
+    bad = [(k, expected[k], tuple(tensors[k].shape)) for k in sorted(expected)
+           if tuple(tensors[k].shape) != expected[k]]
+    if bad:
+        desc = "; ".join(f"{k}: expected {e}, found {f}" for k, e, f in bad[:3])
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise CheckpointError(f"{where}: shape mismatch: {desc}{more}. {hint}")
+
+
+def _few(names: list[str], n: int = 4) -> str:
+    shown = ", ".join(names[:n])
+    return f"[{shown}{', ...' if len(names) > n else ''}]"
+
