@@ -1,0 +1,54 @@
+"""FSDP2 (`fully_shard`) and DDP wrappers for the Transformer.
+
+FSDP2 layout: each block in `model.layers` is one FSDP unit (its parameters are all-gathered together
+just before it runs), and the root unit owns the rest: tok_embeddings, pos_embeddings, norm and output.
+Tied embeddings (output.weight is tok_embeddings.weight) therefore live in one unit and stay one
+parameter, sharded once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ember.parallel.config import ParallelConfig
+from ember.parallel.dims import ParallelDims
+
+
+def fsdp_kwargs(dims: ParallelDims, cfg: ParallelConfig) -> dict:
+    """mesh, mixed-precision and offload policies for `fully_shard` from the config."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    kw: dict = {"mesh": dims.mesh}
+    if cfg.mixed_precision == "bf16":
+        # compute in bf16, reduce gradients in fp32, keep fp32 sharded master weights
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cfg.cpu_offload:
+        # pin_memory needs an accelerator (it raises on a CPU-only machine)
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.accelerator.is_available())
+    return kw
+
+
+def apply_fsdp(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig, **extra) -> nn.Module:
+    """Shard each block, then the root, in place; returns `model` (now also an FSDPModule).
+
+    extra: further `fully_shard` keyword arguments (e.g. a custom `mp_policy`), overriding the config's.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    kw = {**fsdp_kwargs(dims, cfg), **extra}
+    blocks = list(model.layers.values())
+    for i, block in enumerate(blocks):
+        # the last block's parameters are needed again at once by backward: keep them gathered
+        reshard = cfg.reshard_after_forward and i < len(blocks) - 1
+        fully_shard(block, reshard_after_forward=reshard, **kw)
+    fully_shard(model, reshard_after_forward=cfg.reshard_after_forward, **kw)
+    return model
+
+
+def apply_ddp(model: nn.Module, dims: ParallelDims) -> nn.Module:
+    """Wrap in DistributedDataParallel (the model must hold real tensors on dims.device)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [dims.device.index] if dims.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)

@@ -1,0 +1,161 @@
+"""parallelize(model, dims, cfg) and materialize(model, dims, seed): a built model -> a parallel one.
+
+The order is fixed (torchtitan's): TP (not yet) -> activation checkpointing -> compile -> FSDP or DDP.
+A model built on the meta device stays on meta through `parallelize` (FSDP shards meta tensors, which
+costs no memory); `materialize` then allocates and initialises it. `materialize` gives every rank,
+sharded or not, exactly the weights a single process gets from `init_weights(seed)`, so the losses of
+a 1-process and an N-process run can be compared bit for bit.
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = parallelize(model, dims, pcfg)   # may return a wrapper (DDP); use unwrap(model) for the module
+    materialize(model, dims, seed=0)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ember.log import log, warn
+from ember.parallel.ac import apply_activation_checkpointing
+from ember.parallel.config import ParallelConfig
+from ember.parallel.dims import ParallelDims
+from ember.parallel.fsdp import apply_ddp, apply_fsdp
+
+# above this many parameters `materialize` of a sharded model does not build a full CPU copy to
+# initialise from: each rank initialises its own shards (valid, but not equal to a 1-process init)
+FULL_INIT_MAX_PARAMS = 2_000_000_000
+
+
+def resolve_data_parallel(cfg: ParallelConfig, dims: ParallelDims) -> str:
+    """The data-parallel mode actually used: "none", "ddp" or "fsdp" ("auto": fsdp on > 1 process)."""
+    if cfg.data_parallel not in ("auto", "none", "ddp", "fsdp"):
+        raise ValueError(f"data_parallel={cfg.data_parallel!r}: expected auto, none, ddp or fsdp")
+    if dims.dp_size == 1:
+        return "none"
+    return "fsdp" if cfg.data_parallel == "auto" else cfg.data_parallel
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself: strips DDP's `.module` and torch.compile's `_orig_mod` (FSDP2 adds no wrapper)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def is_meta(model: nn.Module) -> bool:
+    return any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when the parameters are DTensors (FSDP2 / TP)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile each block in place (`Module.compile`: names and state-dict keys unchanged)."""
+    for block in model.layers.values():
+        block.compile()
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> nn.Module:
+    """Apply AC, compile and FSDP/DDP to a built model (on meta or materialized); returns the model to train.
+
+    With DDP the result is a DistributedDataParallel wrapper (`unwrap` gives the Transformer); with FSDP2
+    and none it is `model` itself, changed in place.
+    """
+    mode = resolve_data_parallel(cfg, dims)
+    if cfg.mixed_precision != "fp32" and dims.device.type == "cpu":
+        warn(f"mixed_precision={cfg.mixed_precision} on CPU: bf16/fp16 matmuls are ~30x slower than fp32 "
+             "on CPUs without AMX; use fp32 there")
+    meta = is_meta(model)
+    # 1. tensor parallelism: not yet
+    # 2. activation checkpointing (per block; before compile so the recompute is compiled too)
+    apply_activation_checkpointing(model, cfg.activation_checkpointing)
+    # 3. compile (per block, in place)
+    if cfg.compile:
+        apply_compile(model)
+    # 4. data parallelism
+    offload = mode == "fsdp" and cfg.cpu_offload
+    model._ember_init_device = torch.device("cpu") if offload else dims.device
+    if mode == "fsdp":
+        apply_fsdp(model, dims, cfg)
+    elif meta and mode == "ddp":
+        # DDP needs real tensors at construction (it broadcasts them); values come from materialize,
+        # which initialises these same tensors in place on every rank
+        model.to_empty(device=dims.device)
+        model.tie_weights()
+    elif not meta:
+        model.to(dims.device)
+    if mode == "ddp":
+        model = apply_ddp(model, dims)
+    log(f"parallel: {mode}, world {dims.world_size}, device {dims.device}, precision {cfg.mixed_precision}, "
+        f"AC {cfg.activation_checkpointing}, compile {cfg.compile}"
+        + (f", reshard_after_forward {cfg.reshard_after_forward}, cpu_offload {cfg.cpu_offload}"
+           if mode == "fsdp" else ""))
+    return model
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, dims: ParallelDims, seed: int, init_device: Optional[torch.device] = None) -> None:
+    """Allocate (if on meta) and initialise the weights exactly as a single process's `init_weights(seed)`.
+
+    Works on plain, DDP-wrapped and FSDP2-sharded models; re-ties tied embeddings (to_empty unties).
+    A sharded model is initialised from a full CPU copy built with the same seed (one model's worth of
+    CPU memory per rank, freed afterwards); above FULL_INIT_MAX_PARAMS each rank initialises its shards
+    directly instead (not equal to the 1-process init).
+    """
+    inner = unwrap(model)
+    device = init_device or getattr(inner, "_ember_init_device", None) or dims.device
+    if is_meta(inner):
+        inner.to_empty(device=device)
+    inner.tie_weights()
+    if not is_sharded(inner):
+        inner.init_weights(seed)
+        return
+    cfg = inner.cfg
+    if cfg.num_params() > FULL_INIT_MAX_PARAMS:
+        log(f"materialize: {cfg.num_params() / 1e9:.1f}B parameters: initialising shards in place "
+            "(weights differ from a 1-process init with the same seed)")
+        inner.init_weights(seed)
+        return
+    _init_from_full_copy(inner, seed)
+    _check_tied(inner)
+
+
+def _init_from_full_copy(model: nn.Module, seed: int) -> None:
+    """Copy each rank's shard of a full CPU `init_weights(seed)` model into the (sharded) model."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from ember.models import Transformer
+
+    with torch.device("cpu"):
+        ref = Transformer(model.cfg)
+    ref.init_weights(seed)
+    full = dict(ref.named_parameters())
+    full.update(ref.named_buffers())
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        src = full[name]
+        if isinstance(t, DTensor):
+            src = distribute_tensor(src, t.device_mesh, t.placements, src_data_rank=None).to_local()
+            t.to_local().copy_(src)
+        else:
+            t.copy_(src)
+    del ref, full
+
+
+def _check_tied(model: nn.Module) -> None:
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or not cfg.tie_embeddings or model.output is None or model.tok_embeddings is None:
+        return
+    if model.output.weight is not model.tok_embeddings.weight:
+        raise RuntimeError("materialize: output.weight is no longer tok_embeddings.weight after sharding")
