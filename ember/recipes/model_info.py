@@ -99,26 +99,17 @@ def model_stats(cfg: ModelConfig, seq_len: Optional[int] = None) -> dict:
 def resolve(name_or_dir: str) -> tuple[ModelConfig, str]:
     """(ModelConfig, where it came from) for a preset name or a checkpoint directory."""
     path = Path(name_or_dir)
-    if path.is_dir():
-        from ember.train.checkpoint import read_meta  # lazy: recipes may import train
+    is_ckpt = (path / "ember.json").is_file()
+    if is_ckpt or (name_or_dir not in PRESETS and (path.exists() or "/" in name_or_dir)):
+        from ember.train.checkpoint import model_config, read_meta  # lazy: only this branch needs it
 
-        meta = read_meta(path)
-        data = next((meta[k] for k in ("model", "model_config", "config") if isinstance(meta.get(k), dict)), None)
-        if data is None:
-            raise EmberError(f"{path / 'ember.json'}: no model config in the metadata, expected a 'model' "
-                             "mapping. HINT: re-save the checkpoint with ember")
-        try:
-            return ModelConfig.from_dict(data), f"checkpoint {path}"
-        except (TypeError, ValueError) as e:
-            raise EmberError(f"{path / 'ember.json'}: bad model config: {e}") from None
-    if name_or_dir in PRESETS:
-        return preset(name_or_dir), f"preset {name_or_dir}"
+        meta = read_meta(path)  # errors name ember.json and say how to fix it
+        return model_config(meta, path), f"checkpoint {path} ({meta.get('dtype', '?')} weights)"
     try:
-        preset(name_or_dir)
+        return preset(name_or_dir), f"preset {name_or_dir}"
     except KeyError as e:
-        msg = e.args[0]
-    raise EmberError(f"'{name_or_dir}': neither a checkpoint directory nor a preset: {msg}. "
-                     "HINT: pass a preset name or a directory holding ember.json")
+        raise EmberError(f"'{name_or_dir}': not a checkpoint directory, and {e.args[0]}. "
+                         "HINT: pass a preset name or a directory holding ember.json") from None
 
 
 # --------------------------------------------------------------------------------- output
@@ -154,8 +145,8 @@ def _print_tables(stats: dict, cfg: ModelConfig, source: str) -> None:
     from rich.table import Table
 
     console = Console(width=100)
-    arch = Table(title=f"ember model info: {source}", show_header=False)
-    for k, v in _arch_rows(cfg):
+    arch = Table(title="ember model info", show_header=False)
+    for k, v in [("source", source), *_arch_rows(cfg)]:
         arch.add_row(k, v)
     console.print(arch)
 
