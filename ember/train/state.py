@@ -1,0 +1,264 @@
+"""Training checkpoints with exact resume, and export to the plain safetensors checkpoint.
+
+A training checkpoint is a directory `run_dir/checkpoints/step_0000100/`:
+
+    dcp/            model + optimizer, `torch.distributed.checkpoint` (sharded on FSDP2; loads into
+                    any world size, 2 -> 1 included, and without a process group)
+    trainer.json    step, tokens seen, world/dp size, model config, resolved run config, tokenizer dir
+    scheduler.pt    LambdaLR state        (torch.save of plain values; loaded with weights_only=True)
+    rank_00000.pt   per-rank: loader state, RNG states (python, numpy, torch cpu, cuda), extra counters
+
+It is written into `checkpoints/.step_0000100.tmp/` by every rank and renamed by rank 0 after a
+barrier, so a crash never leaves a directory that looks complete. Multi-node runs need `run_dir` on
+a shared file system. `export_final` / `export_to_safetensors` write the inference checkpoint
+(`ember.train.checkpoint`: model.safetensors + ember.json + tokenizer/).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+
+from ember.errors import EmberError
+from ember.fileio import atomic_write_text
+from ember.log import log, warn
+
+CKPT_DIR = "checkpoints"
+STATE_VERSION = 1
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if _dist() else 1
+
+
+@contextlib.contextmanager
+def _quiet_dcp():
+    """DCP warns that it assumes a single process when no process group exists: that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
+
+
+def _barrier() -> None:
+    if _dist():
+        dist.barrier()
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CKPT_DIR / f"step_{step:07d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete training checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step_*") if p.is_dir() and (p / "trainer.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+# ------------------------------------------------------------------------------------ RNG state
+def rng_state() -> dict:
+    """Python, numpy, torch CPU (and CUDA) generator states as weights_only-loadable values."""
+    py = random.getstate()
+    npst = np.random.get_state()
+    state = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [npst[0], torch.from_numpy(npst[1].astype(np.int64)), int(npst[2]), int(npst[3]),
+                       float(npst[4])],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------ save
+def save_train_state(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler: Any = None, loader: Any = None, *, tokens_seen: int = 0, dp_size: int = 1,
+                     model_config: Optional[dict] = None, config: Optional[dict] = None,
+                     tokenizer_dir: Optional[str] = None, extra: Optional[dict] = None,
+                     keep_last: int = 0) -> Path:
+    """Save a training checkpoint for `step` (collective: call on every rank). Returns its path.
+
+    `loader` is this rank's data loader (its `state_dict()` is saved per rank); `extra` is a small
+    dict of per-rank counters (restored by `load_train_state`). Keeps the newest `keep_last`
+    checkpoints (0 = all).
+    """
+    final = step_dir(run_dir, step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    msd, osd = get_state_dict(model, optimizer)
+    with _quiet_dcp():
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
+    per_rank = {"loader": loader.state_dict() if loader is not None else None, "rng": rng_state(),
+                "extra": dict(extra or {})}
+    torch.save(per_rank, tmp / f"rank_{_rank():05d}.pt")
+    if _rank() == 0:
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        meta = {"version": STATE_VERSION, "step": step, "tokens_seen": tokens_seen, "world_size": _world(),
+                "dp_size": dp_size, "model_config": model_config, "tokenizer_dir": tokenizer_dir,
+                "config": config}
+        atomic_write_text(tmp / "trainer.json", json.dumps(meta, indent=2, default=str) + "\n")
+    _barrier()
+    if _rank() == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _prune(run_dir, keep_last)
+    _barrier()
+    return final
+
+
+def _prune(run_dir: str | Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ load
+def read_trainer_meta(ckpt: str | Path) -> dict:
+    path = Path(ckpt) / "trainer.json"
+    if not path.is_file():
+        raise EmberError(f"{ckpt}: not a training checkpoint (no trainer.json). HINT: pass a "
+                         f"run_dir/{CKPT_DIR}/step_XXXXXXX directory, or --resume to pick the latest one.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EmberError(f"{path}: not valid JSON ({e}). HINT: the checkpoint is damaged; "
+                         "resume from an older one.") from None
+
+
+def load_train_state(ckpt: str | Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                     scheduler: Any = None, loader: Any = None, *, dp_size: int = 1,
+                     restore_rng: bool = True) -> dict:
+    """Restore a training checkpoint into built (and parallelized) objects; collective.
+
+    Model and optimizer load at any world size (DCP reshards). Loader and RNG states are per rank:
+    they are restored only when the data-parallel size is unchanged (otherwise a warning: the data
+    order then differs from the original run). Returns trainer.json plus this rank's "extra".
+    """
+    ckpt = Path(ckpt)
+    meta = read_trainer_meta(ckpt)
+    if optimizer is not None:
+        msd, osd = get_state_dict(model, optimizer)
+        sd = {"model": msd, "optim": osd}
+        with _quiet_dcp():
+            dcp.load(sd, checkpoint_id=str(ckpt / "dcp"))
+        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    else:
+        load_model_state(ckpt, model)
+    if scheduler is not None and (ckpt / "scheduler.pt").is_file():
+        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    meta["extra"] = {}
+    rank_file = ckpt / f"rank_{_rank():05d}.pt"
+    if meta.get("dp_size", 1) == dp_size and meta.get("world_size", 1) == _world() and rank_file.is_file():
+        per_rank = torch.load(rank_file, weights_only=True)
+        if loader is not None and per_rank["loader"] is not None:
+            loader.load_state_dict(per_rank["loader"])
+        if restore_rng:
+            set_rng_state(per_rank["rng"])
+        meta["extra"] = per_rank.get("extra", {})
+    elif loader is not None or restore_rng:
+        warn(f"{ckpt}: saved with world size {meta.get('world_size')} (dp {meta.get('dp_size')}), now "
+             f"{_world()} (dp {dp_size}): model and optimizer are resharded, but the data order and RNG "
+             "streams start afresh, so losses will not match the original run exactly.")
+    return meta
+
+
+def load_model_state(ckpt: str | Path, model: nn.Module) -> None:
+    """Load only the model weights of a training checkpoint (any world size, no optimizer needed)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    msd = get_model_state_dict(model)
+    sd = {"model": msd}
+    with _quiet_dcp():
+        dcp.load(sd, checkpoint_id=str(Path(ckpt) / "dcp"))
+    set_model_state_dict(model, sd["model"])
+
+
+# ------------------------------------------------------------------------------------ export
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights as plain CPU tensors on rank 0 (collective; other ranks get {})."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts)
+
+
+def export_final(model: nn.Module, out_dir: str | Path, tokenizer_dir: Optional[str | Path] = None,
+                 extra: Optional[dict] = None) -> Optional[Path]:
+    """Gather the full weights and write the plain checkpoint (rank 0) to `out_dir`; collective."""
+    sd = full_state_dict(model)
+    out = None
+    if _rank() == 0:
+        from ember.train.checkpoint import save_state_dict
+
+        cfg = getattr(model, "cfg", None)
+        if cfg is None:
+            raise EmberError("export_final: the model has no .cfg (ModelConfig). HINT: pass an ember Transformer.")
+        save_state_dict(sd, cfg, out_dir, tokenizer_dir=tokenizer_dir, extra=extra)
+        out = Path(out_dir)
+    _barrier()
+    return out
+
+
+def export_to_safetensors(train_ckpt: str | Path, out_dir: str | Path,
+                          tokenizer_dir: Optional[str | Path] = None) -> Path:
+    """Turn a training checkpoint (any world size) into a plain safetensors checkpoint; 1 process."""
+    from ember.models import ModelConfig, Transformer
+
+    meta = read_trainer_meta(train_ckpt)
+    if not meta.get("model_config"):
+        raise EmberError(f"{train_ckpt}/trainer.json: no model_config recorded, expected a dict. "
+                         "HINT: this checkpoint was not written by ember pretrain.")
+    cfg = ModelConfig.from_dict(meta["model_config"])
+    model = Transformer(cfg)
+    load_model_state(train_ckpt, model)
+    tok = tokenizer_dir or meta.get("tokenizer_dir")
+    if tok and not Path(tok).is_dir():
+        warn(f"tokenizer dir {tok} is gone; exporting without a tokenizer")
+        tok = None
+    from ember.train.checkpoint import save_state_dict
+
+    save_state_dict(model.state_dict(), cfg, out_dir, tokenizer_dir=tok,
+                    extra={"step": meta.get("step"), "tokens_seen": meta.get("tokens_seen")})
+    log(f"exported {train_ckpt} -> {out_dir}")
+    return Path(out_dir)
