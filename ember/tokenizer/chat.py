@@ -1,0 +1,76 @@
+"""Chat templates: messages -> one prompt string.
+
+ember's own tokenizers use ChatML, rendered here in plain Python:
+
+    <|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n
+
+A tokenizer converted from a Hugging Face model carries its own Jinja `chat_template` (in
+tokenizer_config.json); that is rendered in a sandbox (`ImmutableSandboxedEnvironment`, no file or
+attribute access, no code execution), with the same globals transformers gives it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from datetime import datetime
+
+from ember.errors import EmberError
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+# The same template, as Jinja, written into tokenizer_config.json for transformers.
+CHATML_JINJA = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def check_messages(messages: list[dict]) -> None:
+    if not isinstance(messages, (list, tuple)):
+        raise EmberError(f"chat messages: expected a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise EmberError(f"chat messages[{i}]: expected a dict with string 'role' and 'content', got {m!r}")
+
+
+def render_chatml(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    check_messages(messages)
+    out = [f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages]
+    if add_generation_prompt:
+        out.append(f"{IM_START}assistant\n")
+    return "".join(out)
+
+
+def _raise(message: str) -> None:
+    raise EmberError(f"chat template: {message}")
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(template: str):
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from jinja2 import TemplateError
+    except ImportError:  # pragma: no cover - jinja2 comes with transformers
+        raise EmberError("this tokenizer has a Jinja chat_template, which needs jinja2. HINT: pip install jinja2") from None
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except TemplateError as e:
+        raise EmberError(f"chat_template: not a valid Jinja template ({e})") from None
+
+
+def render_jinja(template: str, messages: list[dict], add_generation_prompt: bool = True, **variables) -> str:
+    """Render a Hugging Face-style Jinja chat template (variables: bos_token, eos_token, ...)."""
+    check_messages(messages)
+    try:
+        return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+    except EmberError:
+        raise
+    except Exception as e:  # jinja2 errors, sandbox violations
+        raise EmberError(f"chat_template: rendering failed: {type(e).__name__}: {e}") from None
