@@ -36,6 +36,8 @@ class ConfigError(EmberError, ValueError):
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -47,6 +49,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        arms = [a for a in args if a is not type(None)]
+        if len(arms) == 1:  # Optional[X]: X's own error (e.g. an unknown nested key) is the useful one
+            return _convert(value, arms[0], key)
         errors = []
         for arm in (a for a in args if a is not type(None)):
             try:
