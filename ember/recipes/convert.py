@@ -1,0 +1,214 @@
+"""Convert checkpoints between Hugging Face format and ember's.
+
+    ember convert --from-hf HF_DIR --out DIR       # GPT2LMHeadModel or LlamaForCausalLM -> ember checkpoint
+    ember convert --to-hf DIR --out HF_DIR         # ember checkpoint -> config.json + model.safetensors
+
+An HF directory holds config.json and model.safetensors (a sharded model.safetensors.index.json, or
+pytorch_model.bin read with torch.load(weights_only=True), are accepted on import). Tokenizer files
+(tokenizer.json, vocab.json, merges.txt, ...) travel along: into `<DIR>/tokenizer/` on import and back
+next to the weights on export. Round trips are bit-exact in float32 (the default --dtype).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from ember.errors import EmberError
+from ember.fileio import atomic_dir
+from ember.log import log
+from ember.models import ModelConfig
+from ember.models import hf as hfconv
+from ember.train.checkpoint import META, TOKENIZER, CheckpointError, load_checkpoint, read_meta, save_state_dict
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "tokenizer.model", "chat_template.jinja", "generation_config.json")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Config:
+    """Convert checkpoints to or from Hugging Face format (GPT-2 and Llama)."""
+
+    from_hf: Optional[str] = None
+    """Import: a Hugging Face model directory (config.json + model.safetensors)."""
+    to_hf: Optional[str] = None
+    """Export: an ember checkpoint directory (ember.json + model.safetensors)."""
+    out: Optional[str] = None
+    """The directory to write (must not exist or be empty, unless --overwrite)."""
+    overwrite: bool = False
+    """Replace an existing --out directory (atomically: the old one stays until the new one is complete)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the written weights (float32 keeps round trips exact)."""
+
+
+def main(cfg: Config) -> int:
+    if (cfg.from_hf is None) == (cfg.to_hf is None):
+        raise EmberError("give exactly one of --from-hf HF_DIR or --to-hf DIR. "
+                         "HINT: ember convert --from-hf HF_DIR --out DIR, or ember convert --to-hf DIR --out HF_DIR")
+    if not cfg.out:
+        raise EmberError("--out is required. HINT: add --out NEW_DIR")
+    src, out = Path(cfg.from_hf or cfg.to_hf), Path(cfg.out)
+    if out.resolve() == src.resolve():
+        raise EmberError(f"{out}: --out is the source directory. HINT: write to a new directory")
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not cfg.overwrite:
+        raise EmberError(f"{out}: already exists and is not empty; refusing to replace it. "
+                         "HINT: choose a new --out directory, or add --overwrite")
+    if out.exists() and not out.is_dir():
+        raise EmberError(f"{out}: is a file, expected a directory. HINT: choose a new --out directory")
+    if cfg.from_hf is not None:
+        from_hf(src, out, DTYPES[cfg.dtype])
+    else:
+        to_hf(src, out, DTYPES[cfg.dtype])
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- import
+def from_hf(hf_dir: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Convert an HF GPT-2/Llama directory into an ember checkpoint at `out`."""
+    hf_cfg = read_hf_config(hf_dir)
+    try:
+        cfg = hfconv.config_from_hf(hf_cfg)
+        sd = hfconv.state_dict_from_hf(read_hf_weights(hf_dir), cfg, hf_cfg["model_type"])
+    except (KeyError, ValueError) as e:
+        raise EmberError(f"{hf_dir / 'config.json'}: cannot convert: {e}. "
+                         "HINT: ember converts GPT2LMHeadModel and LlamaForCausalLM checkpoints") from None
+    sd = {k: v.to(dtype) for k, v in sd.items()}
+    source = {k: hf_cfg.get(k) for k in ("model_type", "architectures", "bos_token_id", "eos_token_id")}
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_dir = _copy_files(hf_dir, Path(tmp) / TOKENIZER, TOKENIZER_FILES)
+        save_state_dict(sd, cfg, out, tokenizer_dir=tok_dir, extra={"hf": source})
+    _summary(hf_dir, out, cfg, dtype, [out / "model.safetensors", out / META] + _listing(out / TOKENIZER))
+    return out
+
+
+def read_hf_config(hf_dir: Path) -> dict:
+    if not hf_dir.is_dir():
+        raise EmberError(f"{hf_dir}: Hugging Face model directory not found. HINT: check the path")
+    path = hf_dir / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EmberError(f"{path}: missing. HINT: a Hugging Face model directory holds config.json "
+                         "(save it with model.save_pretrained(dir))") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EmberError(f"{path}: not valid JSON ({e}). HINT: re-download or re-save the model") from None
+    if not isinstance(data, dict):
+        raise EmberError(f"{path}: expected a JSON object. HINT: re-download or re-save the model")
+    return data
+
+
+def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF directory: safetensors (single or sharded) or pytorch_model.bin (weights_only)."""
+    for name, loader in (("model.safetensors", _load_safetensors), ("pytorch_model.bin", _load_bin)):
+        if (hf_dir / name).is_file():
+            return loader(hf_dir / name)
+        index = hf_dir / f"{name}.index.json"
+        if index.is_file():
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                raise CheckpointError(f"{index}: not a valid shard index ({e}). HINT: re-download the model") from None
+            out = {}
+            for f in files:
+                out.update(loader(hf_dir / f))
+            return out
+    raise CheckpointError(f"{hf_dir}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin. "
+                          "HINT: save the model with model.save_pretrained(dir)")
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: shard missing. HINT: re-download the model") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e}). HINT: re-download the model") from None
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: shard missing. HINT: re-download the model") from None
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+        raise CheckpointError(f"{path}: cannot read it as plain tensors ({type(e).__name__}: {e}). "
+                              "HINT: convert it to safetensors, or re-download the model") from None
+
+
+# ---------------------------------------------------------------------------------------- export
+def to_hf(ckpt_dir: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Convert an ember checkpoint into an HF directory at `out` (config.json + model.safetensors)."""
+    from safetensors.torch import save_file
+
+    model, meta = load_checkpoint(ckpt_dir)
+    cfg = model.cfg
+    try:
+        model_type = hfconv.hf_model_type(cfg)
+        bos, eos = _special_ids(ckpt_dir, meta)
+        hf_cfg = hfconv.config_to_hf(cfg, model_type, bos_token_id=bos, eos_token_id=eos)
+        sd = hfconv.state_dict_to_hf(model.state_dict(), cfg, model_type)
+    except ValueError as e:
+        raise EmberError(f"{ckpt_dir / META}: no Hugging Face equivalent: {e}. HINT: GPT-2 export needs "
+                         "layernorm+learned+gelu with biases; Llama export needs rmsnorm+rope+swiglu") from None
+    sd = {k: v.to(dtype).contiguous() for k, v in sd.items()}
+    hf_cfg["dtype"] = hf_cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    tok = ckpt_dir / TOKENIZER
+    with atomic_dir(out) as tmp:
+        if tok.is_dir():
+            _copy_files(tok, tmp, [p.name for p in tok.iterdir() if p.is_file()])
+        if not (tmp / "generation_config.json").exists() and (bos is not None or eos is not None):
+            gen = {"bos_token_id": bos, "eos_token_id": eos}
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    _summary(ckpt_dir, out, cfg, dtype, _listing(out))
+    return out
+
+
+def _special_ids(ckpt_dir: Path, meta: dict) -> tuple[Optional[int], Optional[int]]:
+    """bos/eos ids: recorded at import, else the tokenizer's eos (if the tokenizer package can read it)."""
+    source = (meta.get("extra") or {}).get("hf") or {}
+    if source.get("bos_token_id") is not None or source.get("eos_token_id") is not None:
+        return source.get("bos_token_id"), source.get("eos_token_id")
+    if not (ckpt_dir / TOKENIZER).is_dir():
+        return None, None
+    try:
+        from ember.tokenizer import Tokenizer
+
+        return None, Tokenizer.load(ckpt_dir / TOKENIZER).eos_id
+    except (ImportError, AttributeError, EmberError, OSError, ValueError):
+        return None, None
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _copy_files(src: Path, dst: Path, names) -> Optional[Path]:
+    """Copy the named regular files that exist in `src` into `dst`; `dst` or None if none existed."""
+    found = [src / n for n in names if (src / n).is_file()]
+    if not found:
+        return None
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in found:
+        shutil.copy2(f, dst / f.name)
+    return dst
+
+
+def _listing(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if p.is_file()) if d.is_dir() else []
+
+
+def _summary(src: Path, out: Path, cfg: ModelConfig, dtype: torch.dtype, files: list[Path]) -> None:
+    kind = "rope/rmsnorm/swiglu" if cfg.pos_emb == "rope" else "learned/layernorm/gelu"
+    log(f"converted {src} -> {out}: {cfg.num_params():,} params ({kind}, {cfg.n_layer} layers, "
+        f"vocab {cfg.vocab_size}), {str(dtype).removeprefix('torch.')}")
+    for f in files:
+        log(f"  wrote {f} ({f.stat().st_size:,} bytes)")
