@@ -1,0 +1,118 @@
+"""Deduplication: exact (content hash) and near-duplicate (MinHash LSH over word 5-gram shingles).
+
+Signatures are computed per document in the worker processes (`doc_fingerprint`); the `Deduper`
+runs in the main process and sees documents in input order, so the first copy is kept and the
+result does not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+_WORD = re.compile(r"\w+")
+
+
+@dataclass
+class DedupConfig:
+    """Exact and near-duplicate removal."""
+
+    exact: bool = True
+    """Drop documents whose normalised text (whitespace collapsed) was seen before."""
+    near: bool = True
+    """Drop near-duplicates: estimated Jaccard similarity of word shingles >= `threshold`."""
+    threshold: float = 0.8
+    """Jaccard similarity at or above which two documents are near-duplicates."""
+    num_perm: int = 128
+    """MinHash permutations (more = more accurate, slower)."""
+    shingle_words: int = 5
+    """Words per shingle (lower-cased `\\w+` words)."""
+    seed: int = 1
+    """MinHash seed (fixed, so results are reproducible)."""
+
+
+def content_hash(text: str) -> bytes:
+    """16-byte BLAKE2b of the text with whitespace runs collapsed (so re-wrapped copies match)."""
+    return hashlib.blake2b(" ".join(text.split()).encode("utf-8"), digest_size=16).digest()
+
+
+def shingle_hashes(text: str, n: int) -> np.ndarray:
+    """Distinct 32-bit hashes of the word n-grams (lower-cased `\\w+` words); a document shorter than
+    n words is one shingle. Words are hashed with CRC-32, n-grams combined with a 64-bit rolling hash
+    in numpy (much faster than hashing each shingle string in Python)."""
+    words = _WORD.findall(text.lower())
+    vocab = {w: zlib.crc32(w.encode("utf-8")) for w in dict.fromkeys(words)}
+    h = np.array([vocab[w] for w in words] or [0], np.uint64)
+    with np.errstate(over="ignore"):
+        h = h * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x632BE59BD9B4E019)
+        if len(words) > n:
+            acc = h[: len(h) - n + 1].copy()
+            for k in range(1, n):
+                acc = acc * np.uint64(1_000_003) + h[k: len(h) - n + 1 + k]
+        else:
+            acc = np.array([np.bitwise_xor.reduce(h * np.uint64(1_000_003) ** np.arange(len(h), dtype=np.uint64))])
+    return np.unique((acc >> np.uint64(32)).astype(np.uint32))
+
+
+_PERMS: dict[tuple[int, int], object] = {}
+
+
+def _scheme() -> dict:
+    """datasketch >= 2.0 wants the hashing scheme named when state is passed in; 1.x has none."""
+    import inspect
+
+    from datasketch import MinHash
+
+    return {"scheme": "affine32"} if "scheme" in inspect.signature(MinHash.__init__).parameters else {}
+
+
+def minhash_values(text: str, cfg: DedupConfig) -> np.ndarray:
+    """The MinHash signature (num_perm,) uint64 of the document's shingles."""
+    from datasketch import MinHash
+
+    key = (cfg.num_perm, cfg.seed)
+    if key not in _PERMS:  # permutations are derived from the seed; build them once per process
+        _PERMS[key] = MinHash(num_perm=cfg.num_perm, seed=cfg.seed).permutations
+    m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, permutations=_PERMS[key],
+                hashfunc=int, **_scheme())
+    m.update_batch(shingle_hashes(text, cfg.shingle_words).tolist())
+    return m.hashvalues
+
+
+def doc_fingerprint(text: str, cfg: DedupConfig) -> tuple[bytes, np.ndarray | None]:
+    """(content hash, MinHash signature or None when near dedup is off)."""
+    return content_hash(text), (minhash_values(text, cfg) if cfg.near else None)
+
+
+class Deduper:
+    """Keeps the first of each exact / near-duplicate group, in the order documents are offered."""
+
+    def __init__(self, cfg: DedupConfig):
+        from datasketch import MinHashLSH
+
+        self.cfg = cfg
+        self.seen: set[bytes] = set()
+        self.lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm) if cfg.near else None
+        self.count = 0
+        self._scheme = _scheme()
+
+    def check(self, digest: bytes, values: np.ndarray | None) -> str | None:
+        """'exact_dup' / 'near_dup' if the document duplicates an earlier kept one, else None (and it is recorded)."""
+        from datasketch import LeanMinHash
+
+        if self.cfg.exact and digest in self.seen:
+            return "exact_dup"
+        m = None
+        if self.lsh is not None and values is not None:
+            m = LeanMinHash(seed=self.cfg.seed, hashvalues=values, **self._scheme)
+            if self.lsh.query(m):
+                return "near_dup"
+        self.seen.add(digest)
+        if m is not None:
+            self.lsh.insert(str(self.count), m, check_duplication=False)
+        self.count += 1
+        return None

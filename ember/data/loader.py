@@ -1,0 +1,146 @@
+"""`TokenLoader`: memory-mapped, rank-aware, seeded, resumable (inputs, targets) windows for pretraining.
+
+Sampling scheme (T = block_size, B = batch_size, R = dp_size, r = dp_rank):
+
+* Each split is a list of shards (memory-mapped, never read whole). A *window* is T + 1 consecutive
+  tokens of one shard; inputs are its first T tokens and targets its last T (shifted by one).
+  Windows may cross document boundaries (documents are separated by EOS), like nanoGPT.
+* Epoch e draws a shift s_e in [0, T) and cuts every shard of n tokens into the non-overlapping
+  windows starting at s_e, s_e + T, s_e + 2T, ... (as many as fit), so window boundaries move from
+  epoch to epoch. All windows of all shards are shuffled by a permutation seeded with (seed, e).
+* Rank r takes positions r, r + R, r + 2R, ... of that permutation, truncated to the same length on
+  every rank: within an epoch the ranks' samples are disjoint and together cover all windows (but
+  fewer than R left over).
+* Each rank's stream is its epoch-0 list, then its epoch-1 list, ...; a batch is the next B windows of
+  the stream (a batch may straddle an epoch boundary). The whole state is (epoch, position), so
+  `state_dict()` / `load_state_dict()` continue exactly the same sequence.
+* `iter_eval(max_batches)` is fixed: shift 0, windows in file order, strided by rank, first
+  `max_batches` batches; every call yields the same batches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ember.data import shards
+from ember.errors import EmberError
+
+STATE_VERSION = 1
+
+
+class TokenLoader:
+    """Batches of (inputs (B, T) int64, targets (B, T) int64) from a prepared data dir."""
+
+    def __init__(self, data_dir: str | Path, split: str, block_size: int, batch_size: int,
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0):
+        if not 0 <= dp_rank < dp_size:
+            raise EmberError(f"TokenLoader: dp_rank {dp_rank} not in [0, {dp_size}). HINT: check the parallel dims")
+        if block_size < 1 or batch_size < 1:
+            raise EmberError(f"TokenLoader: block_size {block_size} and batch_size {batch_size} must be >= 1")
+        self.data_dir, self.split = Path(data_dir), split
+        self.block_size, self.batch_size = block_size, batch_size
+        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
+        self.manifest = shards.read_manifest(self.data_dir)
+        self.vocab_size: int = self.manifest["vocab_size"]
+        self.eos_id: int = self.manifest["eos_id"]
+        self.tokenizer_dir = self.data_dir / self.manifest.get("tokenizer", "tokenizer")
+        self.shards = [self._open(e) for e in shards.split_files(self.data_dir, split, self.manifest)]
+        self.lengths = np.array([len(s) for s in self.shards], np.int64)
+        if self.lengths.sum() < block_size + 1 or self._windows_per_shard(0).sum() < dp_size:
+            raise EmberError(f"{self.data_dir}: split '{split}' has {int(self.lengths.sum()):,} tokens, too few for "
+                             f"{dp_size} rank(s) of windows of block_size + 1 = {block_size + 1}. HINT: lower "
+                             "block_size, or prepare more data (or a larger --split.val-fraction for val)")
+        self.epoch, self.pos = 0, 0
+        self._order_epoch, self._order = -1, np.empty(0, np.int64)
+
+    def _open(self, entry: dict) -> np.memmap:
+        tokens = shards.read_shard(self.data_dir / entry["file"])
+        if len(tokens) != entry["tokens"]:
+            raise EmberError(f"{self.data_dir / entry['file']}: {len(tokens)} tokens, manifest says "
+                             f"{entry['tokens']}. {shards.HINT}")
+        return tokens
+
+    # ------------------------------------------------------------------ window bookkeeping
+    def _windows_per_shard(self, shift: int) -> np.ndarray:
+        return np.maximum(0, (self.lengths - shift - 1) // self.block_size)
+
+    def _epoch_windows(self, epoch: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """(shift, per-shard window counts, this rank's window ids for `epoch`, in order)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        shift = int(rng.integers(self.block_size))
+        counts = self._windows_per_shard(shift)
+        if counts.sum() < self.dp_size:  # tiny split: fall back to the unshifted cut
+            shift, counts = 0, self._windows_per_shard(0)
+        perm = rng.permutation(int(counts.sum()))
+        per_rank = len(perm) // self.dp_size
+        return shift, counts, perm[self.dp_rank::self.dp_size][:per_rank]
+
+    def _locate(self, window_ids: np.ndarray, counts: np.ndarray, shift: int) -> list[tuple[int, int]]:
+        """Window ids -> (shard index, start offset)."""
+        ends = np.cumsum(counts)
+        shard = np.searchsorted(ends, window_ids, side="right")
+        local = window_ids - (ends[shard] - counts[shard])
+        return list(zip(shard.tolist(), (shift + local * self.block_size).tolist()))
+
+    def _epoch_plan(self, epoch: int) -> list[tuple[int, int]]:
+        if self._order_epoch != epoch:
+            shift, counts, ids = self._epoch_windows(epoch)
+            self._order, self._order_epoch = self._locate(ids, counts, shift), epoch
+        return self._order
+
+    def _gather(self, places: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        T = self.block_size
+        buf = np.stack([np.asarray(self.shards[s][o:o + T + 1], dtype=np.int64) for s, o in places])  # (B, T+1)
+        t = torch.from_numpy(buf)
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()  # (B, T), (B, T)
+
+    # ------------------------------------------------------------------ public API
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next (inputs, targets), each (B, T) int64; targets[:, i] == inputs[:, i + 1]."""
+        places: list[tuple[int, int]] = []
+        while len(places) < self.batch_size:
+            plan = self._epoch_plan(self.epoch)
+            take = plan[self.pos:self.pos + self.batch_size - len(places)]
+            places += take
+            self.pos += len(take)
+            if self.pos >= len(plan):
+                self.epoch, self.pos = self.epoch + 1, 0
+        return self._gather(places)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue the exact sequence (plus settings that must match)."""
+        return {"version": STATE_VERSION, "epoch": self.epoch, "pos": self.pos, "seed": self.seed,
+                "split": self.split, "block_size": self.block_size, "batch_size": self.batch_size,
+                "dp_rank": self.dp_rank, "dp_size": self.dp_size, "tokens": int(self.lengths.sum())}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Resume from `state_dict()`; the settings that define the sequence must be the same."""
+        for key in ("seed", "split", "block_size", "dp_size", "tokens"):
+            if key in sd and sd[key] != self.state_dict()[key]:
+                raise EmberError(f"loader state: {key} is {sd[key]!r} in the checkpoint but {self.state_dict()[key]!r} "
+                                 "now, so the sample sequence cannot be continued. HINT: resume with the same "
+                                 "data dir and loader settings")
+        self.epoch, self.pos = int(sd["epoch"]), int(sd["pos"])
+
+    def num_windows(self) -> int:
+        """Windows this rank sees per epoch (epoch 0)."""
+        return len(self._epoch_windows(0)[2])
+
+    def iter_eval(self, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """A fixed, deterministic set of batches (same on every call; does not touch the train state)."""
+        counts = self._windows_per_shard(0)
+        total = int(counts.sum())
+        ids = np.arange(total)[self.dp_rank::self.dp_size][: total // self.dp_size]
+        places = self._locate(ids, counts, 0)
+        for b, i in enumerate(range(0, len(places), self.batch_size)):
+            if max_batches is not None and b >= max_batches:
+                return
+            yield self._gather(places[i:i + self.batch_size])

@@ -1,0 +1,265 @@
+"""`prepare`: raw documents -> clean, filter, dedup, scrub -> tokenizer -> token shards + manifest.
+
+Stages (see ARCHITECTURE.md):
+
+    read (main) ─▶ chunks ─▶ Pool.map, ordered: normalise, quality filter, scrub PII, fingerprint
+                                  │
+                                  ▼ (main, input order)
+                   exact + near dedup ─▶ kept docs to a temp JSONL ─▶ train/val split by document
+                                  │
+                                  ▼
+                   tokenizer (given or trained) ─▶ encode_batch ─▶ [EOS] doc [EOS] doc ... ─▶ shards
+                                  │
+                                  ▼
+                   report.json, manifest.json (written last)
+
+Workers only see chunks and return results in order, and dedup runs in the main process in input
+order, so the output is byte-identical for any `num_proc`. The previous manifest is deleted first and
+the new one written last; if anything fails, the shards written by this run are removed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing as mp
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ember.data import shards
+from ember.data.clean import CleanConfig, normalize, scrub_pii
+from ember.data.dedup import DedupConfig, Deduper, doc_fingerprint
+from ember.data.filters import FilterConfig, quality_reason
+from ember.data.readers import ReadConfig, ReadStats, read_documents
+from ember.data.report import Report
+from ember.errors import EmberError
+from ember.fileio import atomic_write_text
+
+
+@dataclass
+class SplitConfig:
+    """Train/val split and shard size."""
+
+    val_fraction: float = 0.01
+    """Fraction of kept documents that go to the validation split."""
+    min_val_docs: int = 4
+    """At least this many validation documents (when there are enough documents)."""
+    seed: int = 1234
+    """Seed of the (deterministic) choice of validation documents."""
+    shard_tokens: int = 10_000_000
+    """Tokens per shard file (the last shard of a split may be shorter)."""
+
+
+@dataclass
+class PrepareConfig:
+    """Inputs, outputs and workers of `ember data prepare`; the stages have their own sub-configs."""
+
+    input: list[str] = field(default_factory=list)
+    """Input files or directories (.txt/.md, .jsonl, .parquet; also .gz/.xz). Empty = the bundled corpus."""
+    out: str = "data/prepared/custom"
+    """Output directory: shards, manifest.json, report.json, tokenizer/."""
+    tokenizer: str = ""
+    """Tokenizer to use (a dir with tokenizer.json, GPT-2 vocab.json+merges.txt, or a .tiktoken file).
+    Empty = train a byte-level BPE tokenizer on the cleaned training documents."""
+    vocab_size: int = 4096
+    """Vocabulary size when a tokenizer is trained."""
+    text_field: str = "text"
+    """JSONL key / parquet column that holds the document text."""
+    txt_separator: str = ""
+    """Split .txt files into documents on this string; '' = one document per file."""
+    skip_bad_lines: bool = False
+    """Skip (and count) malformed JSONL lines instead of failing on the first one."""
+    num_proc: int = 1
+    """Worker processes for cleaning/filtering/fingerprinting (results do not depend on it)."""
+    chunk_docs: int = 64
+    """Documents per work item sent to a worker."""
+    progress: bool = True
+    """Show progress bars (stderr)."""
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+    def read_config(self) -> ReadConfig:
+        return ReadConfig(self.text_field, self.txt_separator, self.skip_bad_lines)
+
+
+# --------------------------------------------------------------------------- stage 1 (workers)
+_WORKER_CFG: PrepareConfig | None = None
+
+
+def _init_worker(cfg: PrepareConfig) -> None:
+    global _WORKER_CFG
+    _WORKER_CFG = cfg
+
+
+def process_doc(text: str, cfg: PrepareConfig) -> tuple:
+    """(drop reason | None, cleaned text | None, input bytes, pii counts, content hash, minhash)."""
+    nbytes = len(text.encode("utf-8"))
+    text = normalize(text, cfg.clean.normalization)
+    reason = "empty" if not text.strip() else quality_reason(text, cfg.filter)
+    if reason:
+        return reason, None, nbytes, None, None, None
+    pii = {"email": 0, "ip": 0, "phone": 0}
+    if cfg.clean.scrub_pii:
+        text, pii = scrub_pii(text, cfg.clean)
+    digest, values = doc_fingerprint(text, cfg.dedup)
+    return None, text, nbytes, pii, digest, values
+
+
+def _process_chunk(chunk: list[str]) -> list[tuple]:
+    return [process_doc(t, _WORKER_CFG) for t in chunk]
+
+
+def _chunks(docs: Iterator[str], n: int) -> Iterator[list[str]]:
+    while chunk := list(itertools.islice(docs, n)):
+        yield chunk
+
+
+def _pool_results(cfg: PrepareConfig, docs: Iterator[str]) -> Iterator[tuple]:
+    """Per-document results in input order, computed by `num_proc` processes."""
+    chunks = _chunks(docs, cfg.chunk_docs)
+    if cfg.num_proc <= 1:
+        _init_worker(cfg)
+        for chunk in chunks:
+            yield from _process_chunk(chunk)
+        return
+    methods = mp.get_all_start_methods()
+    ctx = mp.get_context("fork" if "fork" in methods else "spawn")
+    with ctx.Pool(cfg.num_proc, initializer=_init_worker, initargs=(cfg,)) as pool:
+        while window := list(itertools.islice(chunks, cfg.num_proc * 4)):  # bounded memory
+            for result in pool.map(_process_chunk, window, chunksize=1):
+                yield from result
+
+
+def clean_and_dedup(cfg: PrepareConfig, work: Path, report: Report, stats: ReadStats) -> int:
+    """Stage 1: write kept documents (in input order) to `work/clean.jsonl`; returns their count."""
+    from tqdm import tqdm
+
+    deduper = Deduper(cfg.dedup)
+    kept = 0
+    docs = read_documents(cfg.input, cfg.read_config(), stats)
+    bar = tqdm(desc="clean/filter/dedup", unit=" docs", disable=not cfg.progress, file=sys.stderr)
+    with open(work / "clean.jsonl", "w", encoding="utf-8") as f:
+        for reason, text, nbytes, pii, digest, values in _pool_results(cfg, docs):
+            bar.update(1)
+            if reason is None:
+                reason = deduper.check(digest, values)
+            if reason:
+                report.drop(reason, nbytes)
+                continue
+            report.keep(nbytes, len(text.encode("utf-8")), pii)
+            f.write(json.dumps(text, ensure_ascii=False) + "\n")
+            kept += 1
+    bar.close()
+    return kept
+
+
+# --------------------------------------------------------------------------- stages 2-4 (main)
+def val_indices(n_docs: int, cfg: SplitConfig) -> set[int]:
+    """Deterministic choice of validation documents by index."""
+    if n_docs < 2:
+        return set()
+    n_val = min(n_docs - 1, max(cfg.min_val_docs, round(n_docs * cfg.val_fraction)))
+    return set(np.random.default_rng(cfg.seed).choice(n_docs, n_val, replace=False).tolist())
+
+
+def _iter_clean(work: Path, val: set[int], want_val: bool) -> Iterator[str]:
+    with open(work / "clean.jsonl", encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if (i in val) == want_val:
+                yield json.loads(line)
+
+
+def get_tokenizer(cfg: PrepareConfig, work: Path, val: set[int]):
+    """The given tokenizer, or a byte-level BPE trained on the training documents."""
+    from ember.tokenizer import Tokenizer, train_bpe
+
+    if cfg.tokenizer:
+        return Tokenizer.load(cfg.tokenizer)
+    return train_bpe(_iter_clean(work, val, want_val=False), cfg.vocab_size)
+
+
+def tokenize_to_shards(cfg: PrepareConfig, tok, work: Path, out: Path, val: set[int], n_docs: int) -> dict:
+    """Stage 4: encode in batches ([EOS] before every document) and write the shards of both splits."""
+    from tqdm import tqdm
+
+    writers = {s: shards.ShardWriter(out, s, cfg.split.shard_tokens, tok.vocab_size, tok.eos_id)
+               for s in ("train", "val")}
+    docs = {"train": 0, "val": 0}
+    bar = tqdm(total=n_docs, desc="tokenize", unit=" docs", disable=not cfg.progress, file=sys.stderr)
+    with open(work / "clean.jsonl", encoding="utf-8") as f:
+        lines = enumerate(f)
+        while batch := list(itertools.islice(lines, 512)):
+            ids = tok.encode_batch([json.loads(line) for _, line in batch])
+            for (i, _), doc in zip(batch, ids):
+                split = "val" if i in val else "train"
+                writers[split].add(np.array([tok.eos_id, *doc], dtype=np.int64))
+                docs[split] += 1
+            bar.update(len(batch))
+    bar.close()
+    return {s: {"docs": docs[s], "shards": w.close()} for s, w in writers.items()}
+
+
+def _clear_previous(out: Path) -> None:
+    """Remove what a previous prepare left (manifest first, so nothing half-old looks valid)."""
+    (out / shards.MANIFEST).unlink(missing_ok=True)
+    (out / "report.json").unlink(missing_ok=True)
+    for p in itertools.chain(out.glob("train_*.bin"), out.glob("val_*.bin")):
+        p.unlink()
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """Run the whole pipeline into `cfg.out`; returns the manifest (with the report in it)."""
+    from ember.config import to_dict
+
+    if not cfg.input:
+        raise EmberError("no --input given. HINT: pass --input FILE... (or use ember.data.bundled)")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = None
+    if cfg.tokenizer:  # load before clearing: it may live inside `out`
+        tok = get_tokenizer(cfg, out, set())
+    _clear_previous(out)
+    work = out / ".prepare.tmp"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    report, stats, t0 = Report(), ReadStats(), time.perf_counter()
+    try:
+        n_docs = clean_and_dedup(cfg, work, report, stats)
+        report.read_stats(stats)
+        if stats.docs == 0:
+            raise EmberError(f"{', '.join(cfg.input)}: empty input (no documents). HINT: check the files")
+        if n_docs == 0:
+            raise EmberError(f"{', '.join(cfg.input)}: every document was dropped ({report.drop_summary()}). "
+                             "HINT: loosen --filter.* thresholds or turn off --filter.enabled")
+        t1 = time.perf_counter()
+        val = val_indices(n_docs, cfg.split)
+        tok = tok or get_tokenizer(cfg, work, val)
+        t2 = time.perf_counter()
+        splits = tokenize_to_shards(cfg, tok, work, out, val, n_docs)
+        tok.save(out / "tokenizer")
+        report.timing(clean=t1 - t0, tokenizer=t2 - t1, tokenize=time.perf_counter() - t2)
+        manifest = {
+            "format_version": shards.MANIFEST_VERSION, "shard_format_version": shards.VERSION,
+            "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+            "dtype": np.dtype(shards.dtype_for_vocab(tok.vocab_size)).name, "tokenizer": "tokenizer",
+            "tokens": {s: sum(x["tokens"] for x in v["shards"]) for s, v in splits.items()},
+            "docs": {s: v["docs"] for s, v in splits.items()},
+            "splits": {s: v["shards"] for s, v in splits.items()},
+            "config": to_dict(cfg), "report": report.to_dict(),
+        }
+        atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
+        shards.write_manifest(out, manifest)  # last: its presence marks a complete dataset
+        return manifest
+    except BaseException:
+        _clear_previous(out)
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

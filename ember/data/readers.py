@@ -1,0 +1,152 @@
+"""Input readers: .txt, .jsonl and .parquet files (plain, .gz or .xz) -> a stream of documents.
+
+* `.txt`: the whole file is one document, or it is split on `ReadConfig.txt_separator`.
+* `.jsonl`: one JSON object per line; the document is `obj[text_field]` (a string).
+* `.parquet`: the column `text_field` (read in record batches with pyarrow).
+Bytes are decoded as UTF-8; invalid sequences become U+FFFD and are counted
+(`ReadStats.bad_utf8_docs`, `.bad_utf8_chars`). Bad input raises `EmberError` naming the file (and
+line); with `skip_bad_lines` a malformed JSONL line is skipped and counted instead.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import lzma
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterator
+
+from ember.errors import EmberError
+
+SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".md")
+
+
+@dataclass
+class ReadConfig:
+    """How input files are read."""
+
+    text_field: str = "text"
+    """JSONL key / parquet column that holds the document text."""
+    txt_separator: str = ""
+    """Split .txt files into documents on this string (e.g. '\\n\\n\\n'); '' = one document per file."""
+    skip_bad_lines: bool = False
+    """Skip (and count) malformed JSONL lines instead of failing on the first one."""
+
+
+@dataclass
+class ReadStats:
+    """Counters filled while reading."""
+
+    files: int = 0
+    docs: int = 0
+    bytes: int = 0
+    bad_utf8_docs: int = 0
+    bad_utf8_chars: int = 0
+    bad_lines: int = 0
+    skipped_non_text: list[str] = field(default_factory=list)
+
+
+def _open(path: Path) -> IO[bytes]:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".xz"):
+        return lzma.open(path, "rb")
+    return open(path, "rb")
+
+
+def _base_suffix(path: Path) -> str:
+    name = path.name.lower()
+    for comp in (".gz", ".xz"):
+        if name.endswith(comp):
+            name = name[: -len(comp)]
+    return Path(name).suffix
+
+
+def decode(data: bytes, stats: ReadStats) -> str:
+    """UTF-8 decode; invalid bytes become U+FFFD and are counted."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="replace")
+        stats.bad_utf8_docs += 1
+        stats.bad_utf8_chars += text.count("\ufffd") - data.count("\ufffd".encode())
+        return text
+
+
+def expand_inputs(paths: list[str | Path]) -> list[Path]:
+    """Files as given; directories expand to their readable files (sorted, recursive)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and _base_suffix(f) in SUFFIXES)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise EmberError(f"{p}: no such file or directory. HINT: check the --input path")
+    if not out:
+        raise EmberError(f"{', '.join(map(str, paths)) or '(none)'}: no input files found, expected "
+                         f"{'/'.join(SUFFIXES)} files (optionally .gz/.xz). HINT: pass --input FILE...")
+    return out
+
+
+def _read_txt(path: Path, cfg: ReadConfig, stats: ReadStats) -> Iterator[str]:
+    with _open(path) as f:
+        text = decode(f.read(), stats)
+    yield from (text.split(cfg.txt_separator) if cfg.txt_separator else [text])
+
+
+def _read_jsonl(path: Path, cfg: ReadConfig, stats: ReadStats) -> Iterator[str]:
+    with _open(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(decode(raw, stats))
+                if not isinstance(obj, dict):
+                    raise ValueError(f"a JSON {type(obj).__name__}, not an object")
+            except ValueError as e:
+                if cfg.skip_bad_lines:
+                    stats.bad_lines += 1
+                    continue
+                raise EmberError(f"{path}:{lineno}: malformed JSONL line ({e}), expected one JSON object "
+                                 "per line. HINT: fix the line or pass --skip-bad-lines") from None
+            text = obj.get(cfg.text_field)
+            if not isinstance(text, str):
+                what = "missing" if text is None else f"a {type(text).__name__}, not a string"
+                raise EmberError(f"{path}:{lineno}: field '{cfg.text_field}' is {what}; keys are "
+                                 f"{sorted(obj)[:8]}. HINT: pass --read.text-field NAME")
+            yield text
+
+
+def _read_parquet(path: Path, cfg: ReadConfig, stats: ReadStats) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a bad file
+        raise EmberError(f"{path}: not a readable parquet file ({e}). HINT: check the file") from None
+    if cfg.text_field not in pf.schema_arrow.names:
+        raise EmberError(f"{path}: no column '{cfg.text_field}'; columns are {pf.schema_arrow.names}. "
+                         "HINT: pass --read.text-field NAME")
+    for batch in pf.iter_batches(columns=[cfg.text_field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if text is not None:
+                yield text
+
+
+def read_documents(paths: list[str | Path], cfg: ReadConfig, stats: ReadStats) -> Iterator[str]:
+    """Every document of every input, in order (files sorted within directories)."""
+    readers = {".txt": _read_txt, ".md": _read_txt, ".jsonl": _read_jsonl, ".json": _read_jsonl,
+               ".parquet": _read_parquet}
+    for path in expand_inputs(paths):
+        reader = readers.get(_base_suffix(path))
+        if reader is None:
+            raise EmberError(f"{path}: unknown input type, expected one of {'/'.join(SUFFIXES)} "
+                             "(optionally .gz/.xz). HINT: rename the file or convert it")
+        stats.files += 1
+        for text in reader(path, cfg, stats):
+            stats.docs += 1
+            stats.bytes += len(text.encode("utf-8"))
+            yield text

@@ -1,0 +1,49 @@
+"""Clean, filter, deduplicate, scrub and tokenize text into token shards (+ manifest.json, report.json).
+
+With no --input, prepares the bundled public-domain corpus (tiny-shakespeare + the KJV Bible) into the
+cache (`$EMBER_CACHE` or ~/.cache/ember, see ember.data.bundled), or into --out when given.
+Examples:
+  ember data prepare --input notes.txt docs.jsonl.gz --out data/prepared/mine --vocab-size 8192
+  ember data prepare --input corpus/ --out data/prepared/c --tokenizer data/prepared/mine/tokenizer --num-proc 2
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ember.data.pipeline import PrepareConfig
+
+
+@dataclass
+class Config(PrepareConfig):
+    """`ember data prepare`: every stage's settings (defaults < --config YAML < flags)."""
+
+    out: str = ""
+    """Output directory: shards, manifest.json, report.json, tokenizer/. Required with --input;
+    without --input (bundled corpus) it defaults to the ember cache."""
+
+
+def main(cfg: Config) -> int:
+    from ember.config import to_dict
+    from ember.data import bundled, shards
+    from ember.data.pipeline import prepare
+    from ember.data.report import format_table
+    from ember.errors import EmberError
+    from ember.log import log
+
+    t0 = time.perf_counter()
+    if not cfg.input:
+        out = bundled.prepare_default(cfg.out or None, vocab_size=cfg.vocab_size, num_proc=cfg.num_proc)
+        manifest = shards.read_manifest(out)
+    else:
+        if not cfg.out:
+            raise EmberError("--out is missing, expected the output directory. HINT: add --out data/prepared/NAME")
+        log("config:", to_dict(cfg))
+        manifest = prepare(cfg)
+        out = cfg.out
+    log(format_table(manifest["report"]))
+    log(f"{out}: {manifest['tokens']['train']:,} train tokens in {len(manifest['splits']['train'])} shard(s), "
+        f"{manifest['tokens']['val']:,} val tokens; vocab {manifest['vocab_size']}, eos {manifest['eos_id']}, "
+        f"{manifest['dtype']} ({time.perf_counter() - t0:.1f} s)")
+    return 0
