@@ -58,3 +58,7 @@ def test_command_folders_map_to_commands():
     if CONFIGS.is_dir():
         for d in (p for p in CONFIGS.iterdir() if p.is_dir()):
             assert d.name in BY_DIR, f"configs/{d.name}/ is not a command folder; expected one of {sorted(BY_DIR)}"
+
+
+def test_configs_are_collected():
+    assert yaml_files(), "configs/ holds no YAML run file: the test above checked nothing"
