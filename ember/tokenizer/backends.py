@@ -23,7 +23,7 @@ def fix_surrogates(text: str) -> str:
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-def _has_surrogates(text: str) -> bool:
+def has_surrogates(text: str) -> bool:
     try:
         text.encode("utf-8")
         return False
@@ -69,7 +69,7 @@ class HFBackend:
         return self.tok.id_to_token(i)
 
     def _encode_plain(self, texts: list[str]) -> list[list[int]]:
-        texts = [fix_surrogates(t) if _has_surrogates(t) else t for t in texts]
+        texts = [fix_surrogates(t) if has_surrogates(t) else t for t in texts]
         return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
 
     def encode_batch(self, texts: list[str], allowed: AllowedSpecial = None) -> list[list[int]]:
@@ -94,7 +94,7 @@ class HFBackend:
 
     def encode(self, text: str, allowed: AllowedSpecial = None) -> list[int]:
         if not _allowed(allowed, self.specials):
-            if _has_surrogates(text):
+            if has_surrogates(text):
                 text = fix_surrogates(text)
             return self.tok.encode(text, add_special_tokens=False).ids
         return self.encode_batch([text], allowed)[0]

@@ -97,13 +97,29 @@ def _tiktoken_tokenizer(ranks_path: Path, meta: dict | None) -> Tokenizer:
     return Tokenizer(TiktokenBackend(name, pattern, ranks, specials), _user_meta(meta or {}))
 
 
-def _gpt2_tokenizer(vocab: Path, merges: Path, meta: dict | None) -> Tokenizer:
-    ranks, specials, _ = formats.read_gpt2_files(vocab, merges)
+def _gpt2_tokenizer(vocab: Path, merges: Path, meta: dict | None, engine: str) -> Tokenizer:
+    ranks, specials, pairs = formats.read_gpt2_files(vocab, merges)
     pattern = (meta or {}).get("pattern", formats.GPT2_PATTERN)
+    if engine == "hf":
+        return Tokenizer(HFBackend(_hf_from_ranks(ranks, specials, pairs, pattern)), _user_meta(meta or {}))
     return Tokenizer(TiktokenBackend(vocab.parent.name or "gpt2", pattern, ranks, specials), _user_meta(meta or {}))
 
 
-def _load_dir(directory: Path) -> Tokenizer:
+def _hf_from_ranks(ranks: dict[bytes, int], specials: dict[str, int], pairs: list[tuple[str, str]], pattern: str):
+    """The same BPE as a HF `tokenizers.Tokenizer` (byte-level, given split pattern and merges)."""
+    from tokenizers import AddedToken, models
+
+    from ember.tokenizer.train import build_hf_bpe
+
+    tok = build_hf_bpe(pattern)
+    vocab = {formats.bytes_to_token_str(b): i for b, i in ranks.items()}
+    vocab.update(specials)
+    tok.model = models.BPE(vocab=vocab, merges=pairs)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in sorted(specials, key=specials.get)])
+    return tok
+
+
+def _load_dir(directory: Path, engine: str) -> Tokenizer:
     meta = _read_meta(directory)
     if meta is not None and meta.get("kind") == "tiktoken":
         return _tiktoken_tokenizer(directory / meta.get("ranks_file", "tokenizer.tiktoken"), meta)
@@ -111,7 +127,7 @@ def _load_dir(directory: Path) -> Tokenizer:
         return _load_hf_dir(directory, meta)
     for vocab_name, merges_name in GPT2_NAMES:
         if (directory / vocab_name).is_file():
-            return _gpt2_tokenizer(directory / vocab_name, directory / merges_name, meta)
+            return _gpt2_tokenizer(directory / vocab_name, directory / merges_name, meta, engine)
     ranks = sorted(directory.glob("*.tiktoken"))
     if len(ranks) == 1:
         return _tiktoken_tokenizer(ranks[0], meta)
@@ -119,23 +135,26 @@ def _load_dir(directory: Path) -> Tokenizer:
     raise EmberError(f"{directory}: no tokenizer found (holds: {found}). {_HINT}")
 
 
-def _load_file(path: Path) -> Tokenizer:
+def _load_file(path: Path, engine: str) -> Tokenizer:
     if path.name in ("vocab.json", "encoder.json") or (path.suffix == ".json" and path.name != "tokenizer.json"):
         merges = path.with_name("merges.txt" if path.name != "encoder.json" else "vocab.bpe")
-        return _gpt2_tokenizer(path, merges, _read_meta(path.parent))
+        return _gpt2_tokenizer(path, merges, _read_meta(path.parent), engine)
     if path.name in ("merges.txt", "vocab.bpe"):
         vocab = path.with_name("vocab.json" if path.name == "merges.txt" else "encoder.json")
-        return _gpt2_tokenizer(vocab, path, _read_meta(path.parent))
+        return _gpt2_tokenizer(vocab, path, _read_meta(path.parent), engine)
     if path.name == "tokenizer.json" or path.name == EMBER_META:
-        return _load_dir(path.parent)
+        return _load_dir(path.parent, engine)
     if formats.looks_like_tiktoken(path):
         return _tiktoken_tokenizer(path, _read_meta(path.parent))
     raise EmberError(f"{path}: unknown tokenizer file format. {_HINT}")
 
 
-def load(path: Path) -> Tokenizer:
+def load(path: Path, engine: str = "auto") -> Tokenizer:
+    """`engine` for GPT-2 vocab.json + merges.txt: "tiktoken" (the default via "auto") or "hf"."""
+    if engine not in ("auto", "tiktoken", "hf"):
+        raise EmberError(f"engine={engine!r}: expected 'auto', 'tiktoken' or 'hf'")
     if path.is_dir():
-        return _load_dir(path)
+        return _load_dir(path, engine)
     if path.is_file():
-        return _load_file(path)
+        return _load_file(path, engine)
     raise EmberError(f"{path}: no such file or directory. {_HINT}")

@@ -142,6 +142,18 @@ class Tokenizer:
             (tmp / EMBER_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         return directory
 
+    def export_vocab_merges(self, directory: str | Path) -> tuple[Path, Path]:
+        """Write GPT-2-style vocab.json + merges.txt (for tiktoken and other BPE readers)."""
+        from tokenizers import models
+
+        model = getattr(self.backend, "tok", None) and self.backend.tok.model
+        if not isinstance(model, models.BPE):
+            raise EmberError("export_vocab_merges: only a HF byte-level BPE tokenizer has vocab.json + merges.txt")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        model.save(str(directory))
+        return directory / "vocab.json", directory / "merges.txt"
+
     def _hf_config(self) -> dict:
         """tokenizer_config.json for transformers (PreTrainedTokenizerFast over tokenizer.json)."""
         template = self.meta.get("chat_template") or "chatml"
@@ -158,11 +170,13 @@ class Tokenizer:
         }
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
-        """Load from a directory or file; the format is detected from the files and their contents."""
+    def load(cls, path: str | Path, engine: str = "auto") -> "Tokenizer":
+        """Load from a directory or file; the format is detected from the files and their contents.
+        `engine` applies to GPT-2 vocab.json + merges.txt: "auto"/"tiktoken" encode through tiktoken,
+        "hf" through HF tokenizers (same ids; parallel batch encode; saves as tokenizer.json)."""
         from ember.tokenizer import loaders
 
-        return loaders.load(Path(path))
+        return loaders.load(Path(path), engine)
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.backend.kind}, vocab_size={self.vocab_size}, eos={self.meta.get('eos_token')!r})"

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 
 from ember.errors import EmberError
 from ember.tokenizer import formats
-from ember.tokenizer.backends import HFBackend
+from ember.tokenizer.backends import HFBackend, fix_surrogates, has_surrogates
 from ember.tokenizer.tokenizer import EOS, PAD, Tokenizer
 
 DEFAULT_SPECIALS = (EOS, PAD, "<|im_start|>", "<|im_end|>")
@@ -76,7 +76,7 @@ def build_hf_bpe(pattern: str):
 
 
 class _Counting:
-    """Wrap a text iterator to count characters seen (to refuse empty input)."""
+    """Wrap a text iterator: count the characters seen (to refuse empty input), repair lone surrogates."""
 
     def __init__(self, batches: Iterable):
         self.batches, self.chars = batches, 0
@@ -84,6 +84,7 @@ class _Counting:
     def __iter__(self):
         for batch in self.batches:
             batch = [batch] if isinstance(batch, str) else list(batch)
+            batch = [fix_surrogates(t) if has_surrogates(t) else t for t in batch]
             self.chars += sum(len(t) for t in batch)
             yield batch
 
@@ -128,8 +129,12 @@ def train_bpe(
 def _looks_like_path(x) -> bool:
     if isinstance(x, Path):
         return True
-    return isinstance(x, str) and (Path(x).is_file() or (
-        Path(x).suffix in TEXT_SUFFIXES + (".jsonl", ".json") and not any(c.isspace() for c in x)))
+    if not isinstance(x, str) or not x or len(x) > 1024 or any(c in x for c in "\n\r\0"):
+        return False
+    try:
+        return Path(x).is_file() or (Path(x).suffix in TEXT_SUFFIXES + (".jsonl", ".json") and " " not in x)
+    except OSError:
+        return False
 
 
 def _source(files_or_iterator, text_field: str):
