@@ -223,7 +223,7 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig, where:
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected tensor(s) {_few(unexpected)}")
         raise CheckpointError(f"{where}: {' and '.join(parts)} for the model config. {hint}")
-    bad = [(k, expected[k], tuple(tensors[k].shape)) for k in sorted(expected)
+    bad = [(k, expected[k], tuple(tensors[k].shape)) for k in expected  # model order: embeddings first
            if tuple(tensors[k].shape) != expected[k]]
     if bad:
         desc = "; ".join(f"{k}: expected {e}, found {f}" for k, e, f in bad[:3])
