@@ -53,7 +53,7 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Te
     if max_norm <= 0 or not params:
         return total
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    coef = torch.where(torch.isfinite(coef), coef, torch.ones_like(coef))
+    coef = torch.where(torch.isfinite(total), coef, torch.ones_like(coef))
     by_device: dict = defaultdict(list)
     for p in params:
         g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad

@@ -1,0 +1,182 @@
+"""2-process (gloo, CPU) data parallelism == 1 process: DDP, FSDP2 variants, grad accumulation, AC, precision.
+
+Each test launches `python -m torch.distributed.run --standalone --nproc-per-node 2 <this file> CASES OUT`
+once (as users launch ember) and batches many checks into that launch; rank 0 writes the per-step losses
+to OUT as JSON and the test compares them with the same steps run here in one process.
+
+Run alone: .venv/bin/pytest tests/test_parallel_distributed.py
+(torch.compile under DDP/FSDP2 is checked only with EMBER_TEST_COMPILE=1: it takes minutes on 2 cores.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ember.models import Transformer, preset
+from ember.parallel import (ParallelConfig, ParallelDims, all_reduce_mean, autocast, clip_grad_norm_,
+                            destroy_distributed, init_distributed, make_grad_scaler, materialize, no_sync,
+                            parallelize, unwrap)
+
+ROOT = Path(__file__).resolve().parents[1]
+B, T, STEPS, MAX_NORM = 4, 16, 3, 0.5
+
+# name -> (model preset, ParallelConfig kwargs, grad-accumulation micro-steps)
+CASES = {
+    "ddp": ("tiny", dict(data_parallel="ddp"), 1),
+    "ddp-llama": ("tiny-llama", dict(data_parallel="ddp"), 1),
+    "fsdp": ("tiny", dict(data_parallel="fsdp"), 1),
+    "fsdp-llama": ("tiny-llama", dict(data_parallel="fsdp"), 1),
+    "fsdp-zero2": ("tiny", dict(data_parallel="fsdp", reshard_after_forward=False), 1),
+    "fsdp-zero2-llama": ("tiny-llama", dict(data_parallel="fsdp", reshard_after_forward=False), 1),
+    "fsdp-offload": ("tiny", dict(data_parallel="fsdp", cpu_offload=True), 1),
+    "ddp-accum": ("tiny", dict(data_parallel="ddp"), 2),
+    "fsdp-accum": ("tiny", dict(data_parallel="fsdp"), 2),
+    "fsdp-accum-llama": ("tiny-llama", dict(data_parallel="fsdp"), 2),
+    "fsdp-ac-full": ("tiny", dict(data_parallel="fsdp", activation_checkpointing="full"), 1),
+    "fsdp-ac-selective-llama": ("tiny-llama", dict(data_parallel="fsdp", activation_checkpointing="selective"), 1),
+    "ddp-ac-full": ("tiny", dict(data_parallel="ddp", activation_checkpointing="full"), 1),
+}
+# loose-tolerance cases (low precision compute): compared with the fp32 reference to 2e-2
+LOW_PRECISION = {
+    "fsdp-bf16": ("tiny", dict(data_parallel="fsdp", mixed_precision="bf16"), 1),
+    "fsdp-fp16": ("tiny", dict(data_parallel="fsdp", mixed_precision="fp16"), 1),
+    "ddp-fp16": ("tiny", dict(data_parallel="ddp", mixed_precision="fp16"), 1),
+}
+COMPILE = {
+    "fsdp-compile": ("tiny", dict(data_parallel="fsdp", compile=True, activation_checkpointing="full"), 1),
+    "ddp-compile": ("tiny", dict(data_parallel="ddp", compile=True), 1),
+}
+ALL = {**CASES, **LOW_PRECISION, **COMPILE}
+
+
+def global_batch(step: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    data = torch.randint(0, vocab, (B, T + 1), generator=g)
+    return data[:, :-1], data[:, 1:]  # (B, T) inputs, (B, T) targets
+
+
+def train_losses(model_name: str, pcfg: ParallelConfig, dims: ParallelDims, accum: int = 1,
+                 reference: bool = False) -> dict:
+    """Losses (global mean) and grad norms of STEPS AdamW steps with clipping on the fixed global batches.
+
+    reference=True: a plain model, torch's own clip_grad_norm_, no accumulation (the trusted side).
+    """
+    with torch.device("meta"):
+        model = Transformer(preset(model_name))
+    model = parallelize(model, dims, pcfg)
+    materialize(model, dims, seed=0)
+    inner = unwrap(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    scaler = make_grad_scaler(dims, pcfg)
+    out = {"loss": [], "norm": [], "tied": inner.output.weight is inner.tok_embeddings.weight,
+           "names": sorted(n for n, _ in inner.named_parameters()),
+           "n_params": sum(1 for _ in model.parameters()), "logits_dtype": None}
+    for step in range(STEPS):
+        x, y = global_batch(step, inner.cfg.vocab_size)
+        x, y = x.chunk(dims.dp_size)[dims.dp_rank], y.chunk(dims.dp_size)[dims.dp_rank]
+        total = torch.zeros(())
+        for i, (xi, yi) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
+            with no_sync(model, i < accum - 1):
+                with autocast(dims, pcfg):
+                    logits = model(xi)
+                out["logits_dtype"] = str(logits.dtype)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), yi.flatten()) / accum
+                (scaler.scale(loss) if scaler else loss).backward()
+            total += loss.detach()
+        if scaler:
+            scaler.unscale_(opt)
+        if reference:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+        else:
+            norm = clip_grad_norm_(model.parameters(), MAX_NORM)
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        out["loss"].append(all_reduce_mean(total, dims).item())
+        out["norm"].append(float(norm))
+    return out
+
+
+def worker(case_names: list[str], out_path: str) -> None:
+    dims = init_distributed(device="cpu", timeout_s=60)
+    results = {}
+    for name in case_names:
+        model_name, kw, accum = ALL[name]
+        results[name] = train_losses(model_name, ParallelConfig(**kw), dims, accum=accum)
+    if dims.is_main:
+        Path(out_path).write_text(json.dumps(results))
+    destroy_distributed()
+
+
+def launch(case_names: list[str], tmp_path: Path, timeout: int = 120) -> dict:
+    out = tmp_path / "results.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           __file__, ",".join(case_names), str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(out.read_text())
+
+
+def reference(model_name: str) -> dict:
+    return train_losses(model_name, ParallelConfig(), ParallelDims(), reference=True)
+
+
+# ------------------------------------------------------------------------------------------ tests
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> dict:
+    """One torchrun launch (2 processes) running every default case."""
+    return launch(list(CASES) + list(LOW_PRECISION), tmp_path_factory.mktemp("dist"))
+
+
+@pytest.fixture(scope="module")
+def refs() -> dict:
+    return {name: reference(name) for name in ("tiny", "tiny-llama")}
+
+
+@pytest.mark.timeout(180)
+def test_ddp_fsdp_accum_ac_equal_single_process(launched, refs):
+    for case, (model_name, _, _) in CASES.items():
+        ref, res = refs[model_name], launched[case]
+        assert res["loss"] == pytest.approx(ref["loss"], abs=1e-5), case
+        assert res["norm"] == pytest.approx(ref["norm"], rel=1e-4), case
+        assert res["names"] == ref["names"], case  # AC / FSDP / DDP keep parameter names
+        assert res["tied"] == ref["tied"] and res["n_params"] == ref["n_params"], case
+    assert refs["tiny"]["norm"][0] > MAX_NORM  # clipping was active
+    assert launched["fsdp"]["tied"]  # tied embeddings survive fully_shard on meta + materialize
+
+
+@pytest.mark.timeout(180)
+def test_low_precision_close_to_fp32(launched, refs):
+    ref = refs["tiny"]
+    for case in LOW_PRECISION:
+        assert launched[case]["loss"] == pytest.approx(ref["loss"], abs=2e-2), case
+        assert launched[case]["loss"] != ref["loss"], case  # really ran in low precision
+    assert launched["fsdp-bf16"]["logits_dtype"] == "torch.bfloat16"  # MixedPrecisionPolicy, no autocast
+    assert launched["fsdp-fp16"]["logits_dtype"] == "torch.float16"  # autocast + GradScaler
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("EMBER_TEST_COMPILE"),
+                    reason="compiling takes minutes on 2 CPU cores; set EMBER_TEST_COMPILE=1")
+@pytest.mark.timeout(600)
+def test_compile_with_ddp_and_fsdp(tmp_path, refs):
+    got = launch(list(COMPILE), tmp_path, timeout=580)
+    for case in COMPILE:
+        assert got[case]["loss"] == pytest.approx(refs["tiny"]["loss"], abs=1e-5), case
+        assert got[case]["names"] == refs["tiny"]["names"], case
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1].split(","), sys.argv[2])
