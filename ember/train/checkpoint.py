@@ -84,8 +84,11 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], model_cfg: ModelConf
 
 
 def _storable(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Clean names, drop a tied head, and make every tensor a plain contiguous cpu tensor."""
-    out = {}
+    """Clean names, drop a tied head, and make every tensor a plain contiguous cpu tensor.
+
+    Tensors that share storage (views of one fused buffer) are cloned: safetensors stores each once.
+    """
+    out, seen = {}, set()
     for name, t in state_dict.items():
         for part in _WRAPPER_PARTS:
             name = name.replace(part, "")
@@ -96,7 +99,12 @@ def _storable(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[
                                   "dict first (torch.distributed.checkpoint.state_dict.get_model_state_dict with "
                                   "StateDictOptions(full_state_dict=True, cpu_offload=True)) and call "
                                   "save_state_dict on rank 0.")
-        out[name] = t.detach().to("cpu").contiguous()
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel():
+            t = t.clone()
+        seen.add(ptr)
+        out[name] = t
     return out
 
 
