@@ -96,7 +96,10 @@ class Deduper:
 
         self.cfg = cfg
         self.seen: set[bytes] = set()
-        self.lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm) if cfg.near else None
+        # LSH bands tuned for recall (false negatives weigh 0.9); candidates are then verified with the
+        # signature estimate of Jaccard, so the extra candidates cost time but not false drops.
+        self.lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, weights=(0.1, 0.9)) if cfg.near else None
+        self.sigs: list[np.ndarray] = []
         self.count = 0
         self._scheme = _scheme()
 
@@ -109,10 +112,12 @@ class Deduper:
         m = None
         if self.lsh is not None and values is not None:
             m = LeanMinHash(seed=self.cfg.seed, hashvalues=values, **self._scheme)
-            if self.lsh.query(m):
-                return "near_dup"
+            for key in self.lsh.query(m):
+                if np.mean(self.sigs[int(key)] == values) >= self.cfg.threshold:
+                    return "near_dup"
         self.seen.add(digest)
         if m is not None:
-            self.lsh.insert(str(self.count), m, check_duplication=False)
+            self.lsh.insert(str(len(self.sigs)), m, check_duplication=False)
+            self.sigs.append(values)
         self.count += 1
         return None
