@@ -63,55 +63,87 @@ def global_batch(step: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     return data[:, :-1], data[:, 1:]  # (B, T) inputs, (B, T) targets
 
 
-def train_losses(model_name: str, pcfg: ParallelConfig, dims: ParallelDims, accum: int = 1,
-                 reference: bool = False) -> dict:
-    """Losses (global mean) and grad norms of STEPS AdamW steps with clipping on the fixed global batches.
-
-    reference=True: a plain model, torch's own clip_grad_norm_, no accumulation (the trusted side).
-    """
+def build(model_name: str, pcfg: ParallelConfig, dims: ParallelDims):
+    """Meta build -> parallelize -> materialize(seed 0), plus AdamW and (fp16) a GradScaler."""
     with torch.device("meta"):
         model = Transformer(preset(model_name))
     model = parallelize(model, dims, pcfg)
     materialize(model, dims, seed=0)
-    inner = unwrap(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    scaler = make_grad_scaler(dims, pcfg)
+    return model, opt, make_grad_scaler(dims, pcfg)
+
+
+def train_step(model, opt, scaler, step: int, dims: ParallelDims, pcfg: ParallelConfig, accum: int = 1,
+               reference: bool = False, out: dict | None = None) -> tuple[float, float]:
+    """One AdamW step with clipping on global batch `step` (this rank's slice); (global mean loss, norm).
+
+    reference=True: torch's own clip_grad_norm_ (the trusted side, on a plain model).
+    """
+    x, y = global_batch(step, unwrap(model).cfg.vocab_size)
+    x, y = x.chunk(dims.dp_size)[dims.dp_rank], y.chunk(dims.dp_size)[dims.dp_rank]
+    total = torch.zeros(())
+    for i, (xi, yi) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
+        with no_sync(model, i < accum - 1):
+            with autocast(dims, pcfg):
+                logits = model(xi)
+            if out is not None:
+                out["logits_dtype"] = str(logits.dtype)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), yi.flatten()) / accum
+            (scaler.scale(loss) if scaler else loss).backward()
+        total += loss.detach()
+    if scaler:
+        scaler.unscale_(opt)
+    clip = torch.nn.utils.clip_grad_norm_ if reference else clip_grad_norm_
+    norm = clip(model.parameters(), MAX_NORM)
+    if scaler:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return all_reduce_mean(total, dims).item(), float(norm)
+
+
+def train_losses(model_name: str, pcfg: ParallelConfig, dims: ParallelDims, accum: int = 1,
+                 reference: bool = False) -> dict:
+    """Losses (global mean) and grad norms of STEPS steps on the fixed global batches, plus model facts."""
+    model, opt, scaler = build(model_name, pcfg, dims)
+    inner = unwrap(model)
     out = {"loss": [], "norm": [], "tied": inner.output.weight is inner.tok_embeddings.weight,
            "names": sorted(n for n, _ in inner.named_parameters()),
            "n_params": sum(1 for _ in model.parameters()), "logits_dtype": None}
     for step in range(STEPS):
-        x, y = global_batch(step, inner.cfg.vocab_size)
-        x, y = x.chunk(dims.dp_size)[dims.dp_rank], y.chunk(dims.dp_size)[dims.dp_rank]
-        total = torch.zeros(())
-        for i, (xi, yi) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
-            with no_sync(model, i < accum - 1):
-                with autocast(dims, pcfg):
-                    logits = model(xi)
-                out["logits_dtype"] = str(logits.dtype)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), yi.flatten()) / accum
-                (scaler.scale(loss) if scaler else loss).backward()
-            total += loss.detach()
-        if scaler:
-            scaler.unscale_(opt)
-        if reference:
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
-        else:
-            norm = clip_grad_norm_(model.parameters(), MAX_NORM)
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        out["loss"].append(all_reduce_mean(total, dims).item())
-        out["norm"].append(float(norm))
+        loss, norm = train_step(model, opt, scaler, step, dims, pcfg, accum, reference, out)
+        out["loss"].append(loss)
+        out["norm"].append(norm)
     return out
+
+
+def dcp_save(dims: ParallelDims, run_dir: Path) -> dict:
+    """FSDP2 on 2 ranks: 2 steps, save a sharded training checkpoint (ember.train.state) and export the
+    plain checkpoint; then one more step, whose loss a 1-process resume must reproduce."""
+    from ember.train.state import export_final, full_state_dict, save_train_state
+
+    pcfg = ParallelConfig(data_parallel="fsdp")
+    model, opt, _ = build("tiny", pcfg, dims)
+    for step in range(2):
+        train_step(model, opt, None, step, dims, pcfg)
+    ckpt = save_train_state(run_dir, 2, model, opt, dp_size=dims.dp_size, model_config=model.cfg.to_dict())
+    full = full_state_dict(model)
+    export_final(model, run_dir / "export")
+    if dims.is_main:
+        torch.save(full, run_dir / "full.pt")
+    loss, _ = train_step(model, opt, None, 2, dims, pcfg)
+    return {"ckpt": str(ckpt), "next_loss": loss}
 
 
 def worker(case_names: list[str], out_path: str) -> None:
     dims = init_distributed(device="cpu", timeout_s=60)
     results = {}
     for name in case_names:
+        if name == "dcp":
+            results[name] = dcp_save(dims, Path(out_path).parent / "dcp_run")
+            continue
         model_name, kw, accum = ALL[name]
         results[name] = train_losses(model_name, ParallelConfig(**kw), dims, accum=accum)
     if dims.is_main:
@@ -126,7 +158,7 @@ def launch(case_names: list[str], tmp_path: Path, timeout: int = 120) -> dict:
            __file__, ",".join(case_names), str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(out.read_text())
+    return {**json.loads(out.read_text()), "_dir": str(tmp_path)}
 
 
 def reference(model_name: str) -> dict:
@@ -137,7 +169,7 @@ def reference(model_name: str) -> dict:
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory) -> dict:
     """One torchrun launch (2 processes) running every default case."""
-    return launch(list(CASES) + list(LOW_PRECISION), tmp_path_factory.mktemp("dist"))
+    return launch(list(CASES) + list(LOW_PRECISION) + ["dcp"], tmp_path_factory.mktemp("dist"))
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +197,33 @@ def test_low_precision_close_to_fp32(launched, refs):
         assert launched[case]["loss"] != ref["loss"], case  # really ran in low precision
     assert launched["fsdp-bf16"]["logits_dtype"] == "torch.bfloat16"  # MixedPrecisionPolicy, no autocast
     assert launched["fsdp-fp16"]["logits_dtype"] == "torch.float16"  # autocast + GradScaler
+
+
+@pytest.mark.timeout(180)
+def test_dcp_sharded_checkpoint_loads_into_one_process_and_exports(launched, tmp_path):
+    """2 -> 1 reshard: the FSDP2 checkpoint (ember.train.state, DCP) loads into a plain model and
+    optimizer exactly; training continues with the 2-process run's next loss; both exports (from the
+    live sharded model and from the checkpoint) give the same plain safetensors checkpoint."""
+    from ember.train.checkpoint import load_checkpoint
+    from ember.train.state import export_to_safetensors, load_train_state
+
+    run_dir = Path(launched["_dir"]) / "dcp_run"
+    full = torch.load(run_dir / "full.pt", weights_only=True)  # rank 0's gathered weights at step 2
+    dims, pcfg = ParallelDims(), ParallelConfig()
+    model, opt, _ = build("tiny", pcfg, dims)  # fresh weights, overwritten by the load
+    load_train_state(launched["dcp"]["ckpt"], model, opt, dp_size=1, restore_rng=False)
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, full[name]), name
+    assert model.output.weight is model.tok_embeddings.weight
+    assert len(opt.state) == len(list(model.parameters())) and all(s["step"] == 2 for s in opt.state.values())
+    loss, _ = train_step(model, opt, None, 2, dims, pcfg)
+    assert loss == pytest.approx(launched["dcp"]["next_loss"], abs=1e-5)
+
+    exported = export_to_safetensors(launched["dcp"]["ckpt"], tmp_path / "export")
+    for ckpt_dir in (exported, run_dir / "export"):
+        plain, _ = load_checkpoint(ckpt_dir)
+        for name, t in plain.state_dict().items():
+            assert torch.equal(t, full[name]), (ckpt_dir, name)
 
 
 @pytest.mark.slow
