@@ -7,7 +7,6 @@ within 1e-5 in fp32 both ways, and HF dir -> ember -> HF dir must give identical
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

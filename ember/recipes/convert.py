@@ -25,7 +25,7 @@ from ember.fileio import atomic_dir
 from ember.log import log
 from ember.models import ModelConfig
 from ember.models import hf as hfconv
-from ember.train.checkpoint import META, TOKENIZER, CheckpointError, load_checkpoint, read_meta, save_state_dict
+from ember.train.checkpoint import META, TOKENIZER, CheckpointError, load_checkpoint, save_state_dict
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "tokenizer.model", "chat_template.jinja", "generation_config.json")
@@ -132,7 +132,8 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: shard missing. HINT: re-download the model") from None
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e}). HINT: re-download the model") from None
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e}). "
+                              "HINT: re-download the model") from None
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:

@@ -129,7 +129,8 @@ def read_meta(ckpt_dir: str | Path) -> dict:
     d = Path(ckpt_dir)
     if not d.exists():
         raise CheckpointError(f"{d}: checkpoint directory not found. "
-                              "HINT: check the path; a checkpoint is a directory holding ember.json and model.safetensors.")
+                              "HINT: check the path; a checkpoint is a directory holding ember.json and "
+                              "model.safetensors.")
     if not d.is_dir():
         raise CheckpointError(f"{d}: is a file, expected a checkpoint directory. "
                               "HINT: pass the directory that holds ember.json and model.safetensors.")
