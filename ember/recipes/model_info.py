@@ -144,7 +144,9 @@ def _print_tables(stats: dict, cfg: ModelConfig, source: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=100)
+    console = Console()
+    if not console.is_terminal:  # piped: a fixed width, so the output does not depend on the caller
+        console.width = 100
     arch = Table(title="ember model info", show_header=False)
     for k, v in [("source", source), *_arch_rows(cfg)]:
         arch.add_row(k, v)
@@ -180,7 +182,7 @@ def _print_tables(stats: dict, cfg: ModelConfig, source: str) -> None:
         mem.add_row(key.replace("_", " "), *(_bytes(m[d][key]) for d in m))
     console.print(mem)
     console.print(f"Convention: {stats['memory_convention']} N_matmul = non-embedding params + a tied head "
-                  f"({_num(p['matmul'])}).")
+                  f"({_num(p['matmul'])}).", highlight=False)
 
 
 def main(cfg: Config) -> int:
