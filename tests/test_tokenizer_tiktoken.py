@@ -87,6 +87,15 @@ def trained(request, tmp_path_factory):
     return tok, tiktoken_from_files(vocab, merges, formats.PATTERNS[request.param]), d
 
 
+@pytest.fixture(scope="module")
+def hf_engine(trained):
+    """The same trained tokenizer, saved and reloaded to encode through HF tokenizers (Rust BPE)."""
+    tok, _, d = trained
+    hf = Tokenizer.load(tok.save(d / "saved"), engine="hf")
+    assert hf.engine == "hf"
+    return hf
+
+
 def _check_same(tok: Tokenizer, enc: tiktoken.Encoding, texts: list[str]) -> None:
     for text in texts:
         assert tok.encode(text) == enc.encode_ordinary(text), repr(text[:80])
@@ -95,10 +104,19 @@ def _check_same(tok: Tokenizer, enc: tiktoken.Encoding, texts: list[str]) -> Non
     assert tok.encode_batch(texts, allowed_special="all") == enc.encode_batch(texts, allowed_special="all")
 
 
-def test_trained_tokenizer_matches_tiktoken(trained):
-    tok, enc, _ = trained
-    assert enc.n_vocab == tok.vocab_size
-    _check_same(tok, enc, adversarial_texts(seed=7, n=400))
+def test_trained_tokenizer_matches_tiktoken(trained, hf_engine):
+    """HF tokenizers' BPE (the engine that trained it) vs tiktoken on the exported ranks."""
+    _, enc, _ = trained
+    assert enc.n_vocab == hf_engine.vocab_size
+    _check_same(hf_engine, enc, adversarial_texts(seed=7, n=400))
+
+
+def test_default_engine_is_tiktoken_twin(trained):
+    """ember encodes a plain byte-level BPE through an equivalent tiktoken Encoding by default."""
+    tok, enc, d = trained
+    assert tok.engine == "tiktoken"
+    assert Tokenizer.load(d / "saved").engine == "tiktoken"
+    _check_same(tok, enc, adversarial_texts(seed=17, n=150))
 
 
 @pytest.mark.parametrize("engine", ["auto", "hf"])
@@ -107,13 +125,15 @@ def test_loaded_gpt2_files_match_tiktoken(trained, engine):
     pattern = trained[0].meta["pattern"]
     (d / "ember_tokenizer.json").write_text(json.dumps({"format": "ember-tokenizer", "version": 1, "pattern": pattern}))
     tok = Tokenizer.load(d / "vocab.json", engine=engine)
-    assert tok.backend.kind == ("hf" if engine == "hf" else "tiktoken")
+    assert tok.engine == ("hf" if engine == "hf" else "tiktoken")
     assert tok.eos_id == enc.encode_single_token("<|endoftext|>")
     _check_same(tok, enc, adversarial_texts(seed=8, n=150))
 
 
-def test_special_token_policy(trained):
+@pytest.mark.parametrize("engine", ["auto", "hf"])
+def test_special_token_policy(trained, hf_engine, engine):
     tok, enc, _ = trained
+    tok = hf_engine if engine == "hf" else tok
     text = "x<|endoftext|>y<|im_start|>"
     plain = tok.encode(text)
     assert tok.eos_id not in plain and plain == enc.encode_ordinary(text)
@@ -124,8 +144,9 @@ def test_special_token_policy(trained):
     assert tok.decode(ids) == text
 
 
-def test_decode_matches_tiktoken_on_broken_utf8(trained):
-    tok, enc, _ = trained
+def test_decode_matches_tiktoken_on_broken_utf8(trained, hf_engine):
+    _, enc, _ = trained
+    tok = hf_engine
     rng = random.Random(3)
     for _ in range(200):
         ids = [rng.randrange(enc.n_vocab) for _ in range(rng.randint(1, 30))]

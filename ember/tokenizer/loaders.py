@@ -44,7 +44,7 @@ def _read_meta(directory: Path) -> dict | None:
 
 
 def _user_meta(meta: dict) -> dict:
-    keys = ("eos_token", "pad_token", "bos_token", "chat_template", "model_max_length")
+    keys = ("eos_token", "pad_token", "bos_token", "chat_template", "model_max_length", "pattern")
     return {k: meta[k] for k in keys if k in meta}
 
 
@@ -55,7 +55,7 @@ def _token_name(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _load_hf_dir(directory: Path, meta: dict | None) -> Tokenizer:
+def _load_hf_dir(directory: Path, meta: dict | None, engine: str) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
 
     path = directory / "tokenizer.json"
@@ -78,7 +78,13 @@ def _load_hf_dir(directory: Path, meta: dict | None) -> Tokenizer:
             fields["bos_token"] = None
     if meta is not None:  # ember's own metadata wins (its chat template is "chatml", rendered natively)
         fields.update(_user_meta(meta))
-    return Tokenizer(HFBackend(tok), fields)
+    backend = HFBackend(tok, fast=engine != "hf", pattern=fields.get("pattern"))
+    if engine == "tiktoken" and backend.fast is None:
+        raise EmberError(
+            f"{path}: engine='tiktoken' needs a plain byte-level BPE (split regex + ByteLevel + BPE, no normalizer). "
+            "HINT: use engine='auto'"
+        )
+    return Tokenizer(backend, fields)
 
 
 def _tiktoken_tokenizer(ranks_path: Path, meta: dict | None) -> Tokenizer:
@@ -101,7 +107,8 @@ def _gpt2_tokenizer(vocab: Path, merges: Path, meta: dict | None, engine: str) -
     ranks, specials, pairs = formats.read_gpt2_files(vocab, merges)
     pattern = (meta or {}).get("pattern", formats.GPT2_PATTERN)
     if engine == "hf":
-        return Tokenizer(HFBackend(_hf_from_ranks(ranks, specials, pairs, pattern)), _user_meta(meta or {}))
+        tok = _hf_from_ranks(ranks, specials, pairs, pattern)
+        return Tokenizer(HFBackend(tok, fast=False), _user_meta(meta or {}) | {"pattern": pattern})
     return Tokenizer(TiktokenBackend(vocab.parent.name or "gpt2", pattern, ranks, specials), _user_meta(meta or {}))
 
 
@@ -124,7 +131,7 @@ def _load_dir(directory: Path, engine: str) -> Tokenizer:
     if meta is not None and meta.get("kind") == "tiktoken":
         return _tiktoken_tokenizer(directory / meta.get("ranks_file", "tokenizer.tiktoken"), meta)
     if (directory / "tokenizer.json").is_file():
-        return _load_hf_dir(directory, meta)
+        return _load_hf_dir(directory, meta, engine)
     for vocab_name, merges_name in GPT2_NAMES:
         if (directory / vocab_name).is_file():
             return _gpt2_tokenizer(directory / vocab_name, directory / merges_name, meta, engine)
@@ -150,7 +157,7 @@ def _load_file(path: Path, engine: str) -> Tokenizer:
 
 
 def load(path: Path, engine: str = "auto") -> Tokenizer:
-    """`engine` for GPT-2 vocab.json + merges.txt: "tiktoken" (the default via "auto") or "hf"."""
+    """`engine`: "auto" (tiktoken where the files allow, else HF tokenizers), "tiktoken" or "hf"."""
     if engine not in ("auto", "tiktoken", "hf"):
         raise EmberError(f"engine={engine!r}: expected 'auto', 'tiktoken' or 'hf'")
     if path.is_dir():

@@ -172,14 +172,20 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | Path, engine: str = "auto") -> "Tokenizer":
         """Load from a directory or file; the format is detected from the files and their contents.
-        `engine` applies to GPT-2 vocab.json + merges.txt: "auto"/"tiktoken" encode through tiktoken,
-        "hf" through HF tokenizers (same ids; parallel batch encode; saves as tokenizer.json)."""
+        `engine`: "auto" encodes through tiktoken wherever that gives the same ids (rank files, plain
+        byte-level BPE tokenizer.json), else through HF tokenizers; "hf" forces HF tokenizers (GPT-2
+        files then save as tokenizer.json); "tiktoken" fails if tiktoken cannot encode this file."""
         from ember.tokenizer import loaders
 
         return loaders.load(Path(path), engine)
 
+    @property
+    def engine(self) -> str:
+        """Which library encodes: "tiktoken" or "hf" (HF tokenizers)."""
+        return self.backend.engine
+
     def __repr__(self) -> str:
-        return f"Tokenizer(kind={self.backend.kind}, vocab_size={self.vocab_size}, eos={self.meta.get('eos_token')!r})"
+        return f"Tokenizer(kind={self.backend.kind}, engine={self.engine}, vocab_size={self.vocab_size}, eos={self.meta.get('eos_token')!r})"
 
 
 def copy_tokenizer(src: str | Path, dst: str | Path) -> Path:

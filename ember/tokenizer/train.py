@@ -123,7 +123,7 @@ def train_bpe(
         raise EmberError("tokenizer training: the input is empty (no text). HINT: check the input files")
     meta = {"eos_token": EOS if EOS in specials else None, "pad_token": PAD if PAD in specials else None,
             "chat_template": "chatml", "pattern": regex}
-    return Tokenizer(HFBackend(tok), meta)
+    return Tokenizer(HFBackend(tok, pattern=regex), meta)
 
 
 def _looks_like_path(x) -> bool:
