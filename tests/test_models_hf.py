@@ -12,7 +12,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 from ember import cli  # noqa: E402
 from ember.models import ModelConfig, RopeScaling, Transformer, preset  # noqa: E402
@@ -247,3 +247,22 @@ def test_dtype_option_and_cli_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "activation_function" in err and "config.json" in err
     assert not (tmp_path / "z").exists()
+
+
+def test_bad_hf_weights_name_the_file_or_tensor(tmp_path, capsys):
+    hf = _hf_model("llama-gqa")
+    hf.save_pretrained(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(weights)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, weights)
+    assert cli.main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "a")]) == 1
+    assert "model.layers.1.mlp.up_proj.weight" in capsys.readouterr().err
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert cli.main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and "truncated or corrupt" in err and "HINT" in err
+    weights.unlink()
+    assert cli.main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "c")]) == 1
+    assert "no model.safetensors" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in "abc")

@@ -75,10 +75,15 @@ def from_hf(hf_dir: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path
     hf_cfg = read_hf_config(hf_dir)
     try:
         cfg = hfconv.config_from_hf(hf_cfg)
-        sd = hfconv.state_dict_from_hf(read_hf_weights(hf_dir), cfg, hf_cfg["model_type"])
     except (KeyError, ValueError) as e:
-        raise EmberError(f"{hf_dir / 'config.json'}: cannot convert: {e}. "
+        what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+        raise EmberError(f"{hf_dir / 'config.json'}: cannot convert: {what}. "
                          "HINT: ember converts GPT2LMHeadModel and LlamaForCausalLM checkpoints") from None
+    try:
+        sd = hfconv.state_dict_from_hf(read_hf_weights(hf_dir), cfg, hf_cfg["model_type"])
+    except ValueError as e:
+        raise EmberError(f"{hf_dir}: the weights do not match config.json: {e}. "
+                         "HINT: re-download or re-save the model (model.save_pretrained(dir))") from None
     sd = {k: v.to(dtype) for k, v in sd.items()}
     source = {k: hf_cfg.get(k) for k in ("model_type", "architectures", "bos_token_id", "eos_token_id")}
     with tempfile.TemporaryDirectory() as tmp:
