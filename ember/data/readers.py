@@ -116,7 +116,7 @@ def _read_jsonl(path: Path, cfg: ReadConfig, stats: ReadStats) -> Iterator[str]:
             if not isinstance(text, str):
                 what = "missing" if text is None else f"a {type(text).__name__}, not a string"
                 raise EmberError(f"{path}:{lineno}: field '{cfg.text_field}' is {what}; keys are "
-                                 f"{sorted(obj)[:8]}. HINT: pass --read.text-field NAME")
+                                 f"{sorted(obj)[:8]}. HINT: pass --text-field NAME")
             yield text
 
 
@@ -129,7 +129,7 @@ def _read_parquet(path: Path, cfg: ReadConfig, stats: ReadStats) -> Iterator[str
         raise EmberError(f"{path}: not a readable parquet file ({e}). HINT: check the file") from None
     if cfg.text_field not in pf.schema_arrow.names:
         raise EmberError(f"{path}: no column '{cfg.text_field}'; columns are {pf.schema_arrow.names}. "
-                         "HINT: pass --read.text-field NAME")
+                         "HINT: pass --text-field NAME")
     for batch in pf.iter_batches(columns=[cfg.text_field], batch_size=1024):
         for text in batch.column(0).to_pylist():
             if text is not None:
