@@ -130,6 +130,8 @@ class Transformer(nn.Module):
         S = self._key_len(T, input_pos)
         mask, is_causal = attention_mask(self.cfg.mask, T, S, h.device, input_pos, prefix_len)
         if attn_mask is not None:
+            if mask is None and is_causal:  # the extra mask replaces is_causal: spell causality out
+                mask = torch.ones(T, S, dtype=torch.bool, device=h.device).tril().view(1, 1, T, S)
             mask, is_causal = (attn_mask if mask is None else mask & attn_mask), False
         for layer in self.layers.values():
             h = layer(h, rope, mask, is_causal, input_pos)
