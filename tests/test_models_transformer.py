@@ -256,6 +256,40 @@ def test_kv_cache_matches_uncached(base, over):
         assert torch.allclose(model(x), ref, atol=TOL)
 
 
+def test_kv_cache_prefix_lm_matches_uncached():
+    cfg = preset("tiny-llama", mask="prefix")
+    model = build(cfg)
+    B, T, P = 2, 10, 4
+    x, prefix = tokens(cfg, B=B, T=T), torch.tensor([P, P])
+    with torch.no_grad():
+        ref = model(x, prefix_len=prefix)
+        setup_caches(model, batch_size=B, max_seq_len=T)
+        out = model(x[:, :P], input_pos=torch.arange(P), prefix_len=prefix)  # prefill the whole prefix
+        assert torch.allclose(out, ref[:, :P], atol=TOL)
+        for t in range(P, T):
+            out = model(x[:, t:t + 1], input_pos=torch.tensor([t]), prefix_len=prefix)
+            assert torch.allclose(out[:, 0], ref[:, t], atol=TOL), f"step {t}"
+
+
+def test_attn_mask_is_and_ed_with_the_mode_mask():
+    """A (B, 1, T, S) padding mask hiding key 0 of sample 0: its token no longer reaches positions >= 1."""
+    cfg = preset("tiny-llama")
+    model = build(cfg)
+    x = tokens(cfg, B=2, T=6)
+    pad = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    pad[0, :, 1:, 0] = False
+    with torch.no_grad():
+        ref = model(x, attn_mask=pad)
+        out = model(perturb(x, 0, 0, cfg.vocab_size), attn_mask=pad)
+        causal_ref = model(x)
+    m = moved(out[0], ref[0])
+    assert m[0] and not m[1:].any()
+    assert torch.allclose(ref[1], causal_ref[1], atol=TOL)  # all-True rows change nothing
+    # and the mode mask still applies: a later token stays invisible
+    out = model(perturb(x, 1, 4, cfg.vocab_size), attn_mask=pad)
+    assert not moved(out[1], ref[1])[:4].any()
+
+
 def test_kv_cache_rejects_too_long():
     model = build(preset("tiny"))
     with pytest.raises(ValueError, match="block_size"):
