@@ -191,3 +191,29 @@ def test_cli(tmp_path, tokenizer_dir, capsys):
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "field 'text' is missing" in err and len(err.strip().splitlines()) == 1
+
+
+def test_prepare_default_is_cached_and_idempotent(tmp_path, monkeypatch):
+    """The bundled path (on a tiny stand-in corpus): prepared once, then found by its manifest."""
+    from ember.data import bundled, pipeline
+
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    for k, name in enumerate(bundled.FILES):
+        with lzma.open(assets / name, "wt") as f:
+            f.write("".join(json.dumps({"text": make_doc(200 + 10 * k + i)}) + "\n" for i in range(6)))
+    monkeypatch.setattr(bundled, "ASSETS", assets)
+    monkeypatch.setenv("EMBER_CACHE", str(tmp_path / "cache"))
+    out = bundled.prepare_default(vocab_size=300, num_proc=1)
+    assert out == tmp_path / "cache" / "prepared" / "default-v1-bpe300"
+    assert shards.read_manifest(out)["docs"] == {"train": 8, "val": 4}
+
+    def fail(*a, **kw):
+        raise AssertionError("prepare ran again")
+
+    monkeypatch.setattr(bundled, "prepare", fail)
+    assert bundled.prepare_default(vocab_size=300) == out  # cached: no second prepare
+    (out / "val_000000.bin").write_bytes(b"x")  # a damaged cache is rebuilt
+    monkeypatch.setattr(bundled, "prepare", pipeline.prepare)
+    assert bundled.prepare_default(vocab_size=300, num_proc=1) == out
+    TokenLoader(out, "val", block_size=8, batch_size=2).next_batch()

@@ -55,7 +55,7 @@ class TokenLoader:
                              f"{dp_size} rank(s) of windows of block_size + 1 = {block_size + 1}. HINT: lower "
                              "block_size, or prepare more data (or a larger --split.val-fraction for val)")
         self.epoch, self.pos = 0, 0
-        self._order_epoch, self._order = -1, np.empty(0, np.int64)
+        self._order_epoch, self._order = -1, np.empty((0, 2), np.int64)
 
     def _open(self, entry: dict) -> np.memmap:
         tokens = shards.read_shard(self.data_dir / entry["file"])
@@ -79,37 +79,38 @@ class TokenLoader:
         per_rank = len(perm) // self.dp_size
         return shift, counts, perm[self.dp_rank::self.dp_size][:per_rank]
 
-    def _locate(self, window_ids: np.ndarray, counts: np.ndarray, shift: int) -> list[tuple[int, int]]:
-        """Window ids -> (shard index, start offset)."""
+    def _locate(self, window_ids: np.ndarray, counts: np.ndarray, shift: int) -> np.ndarray:
+        """Window ids (N,) -> (N, 2) rows of (shard index, start offset)."""
         ends = np.cumsum(counts)
         shard = np.searchsorted(ends, window_ids, side="right")
         local = window_ids - (ends[shard] - counts[shard])
-        return list(zip(shard.tolist(), (shift + local * self.block_size).tolist()))
+        return np.stack([shard, shift + local * self.block_size], axis=1).astype(np.int64)
 
-    def _epoch_plan(self, epoch: int) -> list[tuple[int, int]]:
+    def _epoch_plan(self, epoch: int) -> np.ndarray:
         if self._order_epoch != epoch:
             shift, counts, ids = self._epoch_windows(epoch)
             self._order, self._order_epoch = self._locate(ids, counts, shift), epoch
         return self._order
 
-    def _gather(self, places: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(self, places: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         T = self.block_size
-        buf = np.stack([np.asarray(self.shards[s][o:o + T + 1], dtype=np.int64) for s, o in places])  # (B, T+1)
+        buf = np.stack([np.asarray(self.shards[s][o:o + T + 1], dtype=np.int64) for s, o in places.tolist()])  # (B, T+1)
         t = torch.from_numpy(buf)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()  # (B, T), (B, T)
 
     # ------------------------------------------------------------------ public API
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (inputs, targets), each (B, T) int64; targets[:, i] == inputs[:, i + 1]."""
-        places: list[tuple[int, int]] = []
-        while len(places) < self.batch_size:
+        parts, got = [], 0
+        while got < self.batch_size:
             plan = self._epoch_plan(self.epoch)
-            take = plan[self.pos:self.pos + self.batch_size - len(places)]
-            places += take
+            take = plan[self.pos:self.pos + self.batch_size - got]
+            parts.append(take)
+            got += len(take)
             self.pos += len(take)
             if self.pos >= len(plan):
                 self.epoch, self.pos = self.epoch + 1, 0
-        return self._gather(places)
+        return self._gather(np.concatenate(parts))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:

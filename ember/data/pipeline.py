@@ -20,6 +20,7 @@ the new one written last; if anything fails, the shards written by this run are 
 
 from __future__ import annotations
 
+import codecs
 import itertools
 import json
 import multiprocessing as mp
@@ -72,7 +73,8 @@ class PrepareConfig:
     text_field: str = "text"
     """JSONL key / parquet column that holds the document text."""
     txt_separator: str = ""
-    """Split .txt files into documents on this string; '' = one document per file."""
+    """Split .txt files into documents on this string ('\\n\\n\\n' style escapes are read as such);
+    '' = one document per file."""
     skip_bad_lines: bool = False
     """Skip (and count) malformed JSONL lines instead of failing on the first one."""
     num_proc: int = 1
@@ -87,7 +89,10 @@ class PrepareConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
 
     def read_config(self) -> ReadConfig:
-        return ReadConfig(self.text_field, self.txt_separator, self.skip_bad_lines)
+        sep = self.txt_separator
+        if "\\" in sep:  # typed on a command line: interpret \n, \t, ...
+            sep = codecs.decode(sep, "unicode_escape")
+        return ReadConfig(self.text_field, sep, self.skip_bad_lines)
 
 
 # --------------------------------------------------------------------------- stage 1 (workers)
