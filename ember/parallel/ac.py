@@ -11,7 +11,7 @@ all-gather / reshard) stay outside the checkpointed region, as with checkpoint_w
 
 from __future__ import annotations
 
-import functools
+import types
 from typing import Callable
 
 import torch
@@ -40,23 +40,25 @@ def _selective_context():
     return create_selective_checkpoint_contexts(_selective_policy(_save_ops()))
 
 
-def _checkpointed(forward: Callable, context_fn: Callable | None) -> Callable:
+def _checkpointed_forward(self: nn.Module, *args, **kwargs):
+    """The block's class forward, run under non-reentrant checkpointing (bound to the block as `forward`)."""
+    context_fn = _selective_context if self._ember_ac == "selective" else None
     kw = {"context_fn": context_fn} if context_fn is not None else {}
-
-    @functools.wraps(forward)
-    def run(*args, **kwargs):
-        return checkpoint(forward, *args, use_reentrant=False, **kw, **kwargs)
-    return run
+    return checkpoint(type(self).forward, self, *args, use_reentrant=False, **kw, **kwargs)
 
 
 def checkpoint_module(module: nn.Module, mode: str) -> None:
-    """Make `module`'s forward recompute in backward (mode "full" or "selective"), in place."""
+    """Make `module`'s forward recompute in backward (mode "full" or "selective"), in place.
+
+    The replacement is a method bound to the module (not a closure), so `copy.deepcopy` of the model
+    gives a copy whose blocks run their own parameters.
+    """
     if mode not in ("full", "selective"):
         raise ValueError(f"activation checkpointing mode {mode!r}: expected one of {MODES}")
     if getattr(module, "_ember_ac", None) is not None:
         raise ValueError(f"{type(module).__name__} already has activation checkpointing ({module._ember_ac})")
-    module.forward = _checkpointed(module.forward, _selective_context if mode == "selective" else None)
     module._ember_ac = mode
+    module.forward = types.MethodType(_checkpointed_forward, module)
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:

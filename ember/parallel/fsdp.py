@@ -1,9 +1,10 @@
 """FSDP2 (`fully_shard`) and DDP wrappers for the Transformer.
 
 FSDP2 layout: each block in `model.layers` is one FSDP unit (its parameters are all-gathered together
-just before it runs), and the root unit owns the rest: tok_embeddings, pos_embeddings, norm and output.
-Tied embeddings (output.weight is tok_embeddings.weight) therefore live in one unit and stay one
-parameter, sharded once.
+just before it runs, and freed after it). With untied embeddings, tok_embeddings and output are units
+of their own too (large-vocab matrices are then gathered only while used). The root unit owns the
+rest (pos_embeddings, norm) and, with tied embeddings, both tok_embeddings and output: the shared
+weight lives in one unit and stays one parameter, sharded once.
 """
 
 from __future__ import annotations
@@ -37,11 +38,17 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig, **extr
     from torch.distributed.fsdp import fully_shard
 
     kw = {**fsdp_kwargs(dims, cfg), **extra}
+    tied = model.output is not None and model.tok_embeddings is not None and (
+        model.output.weight is model.tok_embeddings.weight)
+    if model.tok_embeddings is not None and not tied:
+        fully_shard(model.tok_embeddings, reshard_after_forward=cfg.reshard_after_forward, **kw)
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # the last block's parameters are needed again at once by backward: keep them gathered
         reshard = cfg.reshard_after_forward and i < len(blocks) - 1
         fully_shard(block, reshard_after_forward=reshard, **kw)
+    if model.output is not None and not tied:
+        fully_shard(model.output, reshard_after_forward=False, **kw)  # backward starts here
     fully_shard(model, reshard_after_forward=cfg.reshard_after_forward, **kw)
     return model
 

@@ -110,8 +110,8 @@ def materialize(model: nn.Module, dims: ParallelDims, seed: int, init_device: Op
     """Allocate (if on meta) and initialise the weights exactly as a single process's `init_weights(seed)`.
 
     Works on plain, DDP-wrapped and FSDP2-sharded models; re-ties tied embeddings (to_empty unties).
-    A sharded model is initialised from a full CPU copy built with the same seed (one model's worth of
-    CPU memory per rank, freed afterwards); above FULL_INIT_MAX_PARAMS each rank initialises its shards
+    A sharded model is initialised from a full copy built on dims.device with the same seed (one
+    model's worth of memory per rank for a moment); above FULL_INIT_MAX_PARAMS each rank initialises its shards
     directly instead (not equal to the 1-process init).
     """
     inner = unwrap(model)
@@ -128,18 +128,23 @@ def materialize(model: nn.Module, dims: ParallelDims, seed: int, init_device: Op
             "(weights differ from a 1-process init with the same seed)")
         inner.init_weights(seed)
         return
-    _init_from_full_copy(inner, seed)
+    _init_from_full_copy(inner, seed, dims.device)
     _check_tied(inner)
 
 
-def _init_from_full_copy(model: nn.Module, seed: int) -> None:
-    """Copy each rank's shard of a full CPU `init_weights(seed)` model into the (sharded) model."""
+def _init_from_full_copy(model: nn.Module, seed: int, device: torch.device) -> None:
+    """Copy each rank's shard of a full `init_weights(seed)` model into the (sharded) model.
+
+    The full copy is built on `device` (the compute device) so its random stream is the one a
+    single-process run on that device uses (CPU and CUDA generators differ).
+    """
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     from ember.models import Transformer
 
-    with torch.device("cpu"):
+    with torch.device("meta"):
         ref = Transformer(model.cfg)
+    ref.to_empty(device=device)
     ref.init_weights(seed)
     full = dict(ref.named_parameters())
     full.update(ref.named_buffers())
