@@ -4,6 +4,7 @@ with transformers' PreTrainedTokenizerFast / AutoTokenizer loading the saved dir
 from __future__ import annotations
 
 import json
+import lzma
 import random
 
 import pytest
@@ -107,6 +108,14 @@ def test_train_from_files(tmp_path):
     tok = train_bpe([txt, jsonl], vocab_size=400, text_field="body")
     assert tok.vocab_size == 400 and tok.decode(tok.encode("lazy dog")) == "lazy dog"
     assert train_bpe([str(txt)], vocab_size=300).vocab_size == 300  # str paths too
+    packed = tmp_path / "c.jsonl.xz"  # compressed inputs, like the bundled corpus
+    with lzma.open(packed, "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps({"text": t}) + "\n" for t in _texts(100, seed=7)))
+    assert train_bpe([packed], vocab_size=300).vocab_size == 300
+    truncated = tmp_path / "d.txt.xz"
+    truncated.write_bytes(packed.read_bytes()[:200])
+    with pytest.raises(EmberError, match=r"d\.txt\.xz: cannot read"):
+        train_bpe([truncated], vocab_size=300)
 
 
 def test_train_bad_input(tmp_path):

@@ -22,7 +22,7 @@ class Config:
     """Train a byte-level BPE tokenizer."""
 
     input: list[str] = dataclasses.field(default_factory=list)
-    """input files: .txt (one text per line) or .jsonl (one JSON object per line)"""
+    """input files: .txt (one text per line) or .jsonl (one JSON object per line), optionally .xz/.gz/.bz2"""
     out: str = "runs/tokenizer"
     """output directory (replaced atomically)"""
     vocab_size: int = 8192
@@ -53,7 +53,7 @@ def main(cfg: Config) -> int:
         if p.stat().st_size == 0:
             raise EmberError(f"{p}: the input file is empty, expected text")
     total = sum(p.stat().st_size for p in paths)
-    log(f"training BPE: vocab_size={cfg.vocab_size}, pattern={cfg.pattern}, {len(paths)} file(s), {total / 1e6:.1f} MB")
+    log(f"training BPE: vocab_size={cfg.vocab_size}, pattern={cfg.pattern}, {len(paths)} file(s), {total / 1e6:.1f} MB on disk")
     t0 = time.perf_counter()
     tok = train_bpe(
         paths, cfg.vocab_size, special_tokens=cfg.special_tokens, pattern=cfg.pattern,
@@ -63,5 +63,5 @@ def main(cfg: Config) -> int:
     out = tok.save(cfg.out)
     dt = time.perf_counter() - t0
     eos = tok.meta["eos_token"]
-    log(f"saved {out} (vocab_size={tok.vocab_size}, eos={eos!r} id {tok.token_to_id(eos) if eos else None}) in {dt:.1f} s ({total / 1e6 / dt:.2f} MB/s)")
+    log(f"saved {out} (vocab_size={tok.vocab_size}, eos={eos!r} id {tok.token_to_id(eos) if eos else None}) in {dt:.1f} s")
     return 0

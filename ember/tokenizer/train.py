@@ -24,14 +24,34 @@ DEFAULT_SPECIALS = (EOS, PAD, "<|im_start|>", "<|im_end|>")
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 
 
+_OPENERS = {".xz": "lzma", ".gz": "gzip", ".bz2": "bz2"}
+
+
+def _open_text(path: Path):
+    """Open a text file, decompressing .xz/.gz/.bz2; invalid UTF-8 is replaced (U+FFFD)."""
+    module = _OPENERS.get(path.suffix)
+    if module is None:
+        return open(path, encoding="utf-8", errors="replace")
+    return __import__(module).open(path, "rt", encoding="utf-8", errors="replace")
+
+
 def iter_file_texts(path: str | Path, text_field: str = "text", batch_lines: int = 1000) -> Iterator[list[str]]:
-    """Yield batches of texts from a .txt (lines, newlines kept) or .jsonl (one `text_field` per line)."""
+    """Yield batches of texts from a .txt (lines, newlines kept) or .jsonl (one `text_field` per line),
+    optionally compressed (.txt.xz, .jsonl.gz, ...)."""
     path = Path(path)
     if not path.is_file():
         raise EmberError(f"{path}: no such input file. HINT: check the --input paths")
-    jsonl = path.suffix in (".jsonl", ".json")
+    inner = path.with_suffix("") if path.suffix in _OPENERS else path
+    jsonl = inner.suffix in (".jsonl", ".json")
+    try:
+        yield from _read_batches(path, jsonl, text_field, batch_lines)
+    except (OSError, EOFError) as e:  # truncated or corrupt compressed file, unreadable file
+        raise EmberError(f"{path}: cannot read ({type(e).__name__}: {e}). HINT: is the file complete?") from None
+
+
+def _read_batches(path: Path, jsonl: bool, text_field: str, batch_lines: int) -> Iterator[list[str]]:
     batch: list[str] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if jsonl:
                 if not line.strip():
@@ -132,7 +152,9 @@ def _looks_like_path(x) -> bool:
     if not isinstance(x, str) or not x or len(x) > 1024 or any(c in x for c in "\n\r\0"):
         return False
     try:
-        return Path(x).is_file() or (Path(x).suffix in TEXT_SUFFIXES + (".jsonl", ".json") and " " not in x)
+        suffix = Path(x).suffix
+        known = TEXT_SUFFIXES + (".jsonl", ".json") + tuple(_OPENERS)
+        return Path(x).is_file() or (suffix in known and " " not in x)
     except OSError:
         return False
 
