@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import numpy as np
 
 _WORD = re.compile(r"\S+")
-_SPACE = re.compile(r"\s+")
 _NO_ALPHA_WORD = re.compile(r"(?<!\S)(?:[\d_]|[^\w\s])+(?!\S)")  # a word without any letter
 _BULLETS = ("*", "-", "•", "‣", "◦", "⁃", "·", "–", "—")
 _TERMINAL = (".", "!", "?", '"', "'", "”", "’", ":", ";", ")")
@@ -149,7 +148,7 @@ def _word_rules(words: list[str], text: str, cfg: FilterConfig) -> str | None:
         return "max_words"
     if n == 0:
         return None
-    mean = len(_SPACE.sub("", text)) / n
+    mean = sum(map(len, words)) / n
     if not cfg.min_mean_word_len <= mean <= cfg.max_mean_word_len:
         return "mean_word_len"
     symbols = text.count("#") + text.count("...") + text.count("…")
