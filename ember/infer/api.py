@@ -94,7 +94,10 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], block_size: int, max_
     for i, text in enumerate(prompts):
         if not isinstance(text, str):
             raise EmberError(f"prompt {i}: expected a string, got {type(text).__name__}.")
-        ids = tokenizer.encode(text) if text else [tokenizer.eos_id]
+        ids = tokenizer.encode(text) if text else [eos_id(tokenizer)]
+        if ids == [None]:
+            raise EmberError(f"prompt {i}: empty, and the tokenizer has no EOS token to start from. "
+                             "HINT: give a non-empty prompt.")
         if truncate and len(ids) + max_new_tokens > block_size:
             ids = ids[-max(1, block_size - max_new_tokens):]
         out.append(fit_prompt(ids, block_size, max_new_tokens, truncate, where=f"prompt {i}"))
@@ -114,15 +117,20 @@ def clamp_new_tokens(prompt_len: int, max_new_tokens: int, block_size: int) -> i
 def generate_texts(model: torch.nn.Module, tokenizer: Any, prompt_ids: Sequence[list[int]], max_new_tokens: int,
                    params: SamplingParams, stop: Sequence[str] = (), stop_ids: Sequence[int] = (),
                    generator: Optional[torch.Generator] = None, stream: Optional[StreamFn] = None,
-                   batch_size: int = 8, compile: bool = False) -> list[str]:
-    """Generate from encoded prompts in batches of `batch_size`; one string per prompt."""
-    ids_stop = sorted({tokenizer.eos_id, *stop_ids} - {None})
+                   batch_size: int = 8, compile: bool = False, counter: Optional[dict] = None) -> list[str]:
+    """Generate from encoded prompts in batches of `batch_size`; one string per prompt.
+
+    `counter["tokens"]`, when a dict is given, is increased by the number of tokens generated.
+    """
+    ids_stop = sorted({eos_id(tokenizer), *stop_ids} - {None})
     results: list[str] = []
     for start in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[start: start + batch_size]
         streams = [TextStream(tokenizer, stop, skip_ids=ids_stop) for _ in chunk]
 
         def on_token(b: int, tok: int, streams=streams, start=start) -> bool:
+            if counter is not None:
+                counter["tokens"] = counter.get("tokens", 0) + 1
             delta = streams[b].push(tok)
             if delta and stream is not None:
                 stream(start + b, delta)
@@ -130,13 +138,21 @@ def generate_texts(model: torch.nn.Module, tokenizer: Any, prompt_ids: Sequence[
 
         n_new = clamp_new_tokens(max(map(len, chunk)), max_new_tokens, model.cfg.block_size)
         generate_ids(model, chunk, n_new, params, stop_ids=ids_stop, stop_fn=on_token, generator=generator,
-                     pad_id=tokenizer.pad_id or 0, compile=compile)
+                     pad_id=tokenizer.pad_id or 0, compile=compile, vocab_limit=tokenizer.vocab_size)
         for b, s in enumerate(streams):
             rest = s.flush()
             if rest and stream is not None:
                 stream(start + b, rest)
             results.append(s.text)
     return results
+
+
+def eos_id(tokenizer: Any) -> Optional[int]:
+    """The tokenizer's end-of-text id, or None when it has none."""
+    try:
+        return tokenizer.eos_id
+    except EmberError:
+        return None
 
 
 def _stdout_stream(index: int, text: str) -> None:

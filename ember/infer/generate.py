@@ -117,12 +117,13 @@ def generate_iter(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_to
                   params: Optional[SamplingParams] = None, stop_ids: Sequence[int] = (),
                   stop_fn: Optional[Callable[[int, int], bool]] = None,
                   generator: Optional[torch.Generator] = None, pad_id: int = 0,
-                  compile: bool = False) -> Iterator[list[Optional[int]]]:
+                  compile: bool = False, vocab_limit: Optional[int] = None) -> Iterator[list[Optional[int]]]:
     """Yield, per step, one new token id per sample (None for samples already finished).
 
     A sample finishes after emitting a token in `stop_ids` (that token is yielded) or when
     `stop_fn(sample_index, token)` returns True; the loop ends when every sample has finished or
-    after max_new_tokens steps. The KV cache is set up here and removed at the end.
+    after max_new_tokens steps. Ids >= `vocab_limit` (rows of a padded embedding that the tokenizer
+    does not know) are never sampled. The KV cache is set up here and removed at the end.
     """
     params = (params or SamplingParams()).validate()
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -143,12 +144,15 @@ def generate_iter(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_to
         logits = prefill(model, batch.tokens, batch.slots[: batch.T],
                          batch.positions[:, : batch.T] if batch.padded else None, batch.prefill_mask)
         for i in range(max_new_tokens):
+            if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+                logits[:, vocab_limit:] = float("-inf")
             nxt = sample(logits, params, seen, generator)  # (B,)
             out: list[Optional[int]] = []
             for b, tok in enumerate(nxt.tolist()):
                 out.append(None if done[b] else tok)
-                if not done[b] and (tok in stop_set or (stop_fn is not None and stop_fn(b, tok))):
-                    done[b] = True
+                if not done[b]:
+                    stopped_by_fn = stop_fn is not None and stop_fn(b, tok)  # called for every new token
+                    done[b] = tok in stop_set or stopped_by_fn
             yield out
             if all(done) or i == max_new_tokens - 1:
                 break
@@ -164,11 +168,11 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens:
              params: Optional[SamplingParams] = None, stop_ids: Sequence[int] = (),
              stop_fn: Optional[Callable[[int, int], bool]] = None, generator: Optional[torch.Generator] = None,
              stream: Optional[Callable[[list[Optional[int]]], None]] = None, pad_id: int = 0,
-             compile: bool = False) -> list[list[int]]:
+             compile: bool = False, vocab_limit: Optional[int] = None) -> list[list[int]]:
     """New token ids per prompt (a stop id, when hit, is the last id). `stream(step_tokens)` sees each step."""
     out: list[list[int]] = [[] for _ in prompts]
     for step_tokens in generate_iter(model, prompts, max_new_tokens, params, stop_ids, stop_fn,
-                                     generator, pad_id, compile):
+                                     generator, pad_id, compile, vocab_limit):
         if stream is not None:
             stream(step_tokens)
         for b, tok in enumerate(step_tokens):
