@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
@@ -242,7 +243,9 @@ class Trainer:
         if not finite:
             skipped = self._on_nonfinite(loss_val, norm_val)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped first step makes LambdaLR warn about the call order
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
+            self.scheduler.step()
         self.step += 1
         self.tokens_seen += tokens * self.dp_size
         return {"loss": loss_val, "grad_norm": norm_val, "lr": lr, "skipped": skipped, "tokens": tokens * self.dp_size}
@@ -269,12 +272,10 @@ class Trainer:
         if self.val_loader is None:
             return {}
         n = batches or self.cfg.eval_batches
-        if self._val_state0 is not None:
-            self.val_loader.load_state_dict(self._val_state0)
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (sum of token losses, tokens)
-        for _ in range(n):
-            batch = _to_device(_next(self.val_loader), self.device)
+        for batch in self._eval_batches(n):
+            batch = _to_device(batch, self.device)
             with self._autocast():
                 loss, count = self.loss_fn(self.model, batch)
             total += torch.stack([loss.double() * count, torch.tensor(count, dtype=torch.float64, device=self.device)])
@@ -283,6 +284,16 @@ class Trainer:
         val = (total[0] / total[1].clamp(min=1)).item()
         self.last_eval = {"loss": val, "ppl": math.exp(min(val, 50.0))}
         return self.last_eval
+
+    def _eval_batches(self, n: int):
+        """The same n batches every call: the loader's `iter_eval`, else its stream from the initial state."""
+        if hasattr(self.val_loader, "iter_eval"):
+            yield from self.val_loader.iter_eval(n)
+            return
+        if self._val_state0 is not None:
+            self.val_loader.load_state_dict(self._val_state0)
+        for _ in range(n):
+            yield _next(self.val_loader)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Optional[Path]:

@@ -1,0 +1,112 @@
+"""`ember pretrain` end to end on a tiny prepared dataset, plus `ember plot`, the config and the helpers."""
+
+import json
+import lzma
+import math
+
+import pytest
+import torch
+
+from ember.cli import main as cli
+from ember.errors import EmberError
+from ember.recipes.pretrain import Config, build_model_config, pad_vocab, unigram_entropy
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """60 tiny-shakespeare documents through the real prepare pipeline, BPE vocab 512 (~3 s)."""
+    from ember.data.bundled import ASSETS
+    from ember.data.pipeline import PrepareConfig, prepare
+
+    root = tmp_path_factory.mktemp("data")
+    lines = lzma.open(ASSETS / "tinyshakespeare.jsonl.xz", "rt").read().splitlines()[:60]
+    (root / "in.jsonl").write_text("\n".join(lines) + "\n")
+    prepare(PrepareConfig(input=[str(root / "in.jsonl")], out=str(root / "data"), vocab_size=512, num_proc=1,
+                          progress=False))
+    return root / "data"
+
+
+def tiny_args(data_dir, run_dir, *extra):
+    return ["pretrain", "--model-preset", "tiny", "--data.data-dir", str(data_dir), "--data.block-size", "64",
+            "--run-dir", str(run_dir), "--train.batch-size", "4", "--train.max-steps", "8", "--train.warmup-steps", "2",
+            "--train.eval-every", "4", "--train.eval-batches", "2", "--train.log-every", "1", "--train.save-every", "4",
+            "--samples.num", "2", "--samples.max-new-tokens", "8", "--device", "cpu", *extra]
+
+
+def test_pretrain_end_to_end_and_plot(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli(tiny_args(tiny_data, run)) == 0
+    out = capsys.readouterr().out
+    assert "unigram baseline" in out and "--- sample" in out
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["split"] == "train"] == list(range(1, 9))
+    assert [r["step"] for r in recs if r["split"] == "val"] == [4, 8]
+    assert all(math.isfinite(r["loss"]) for r in recs)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000004", "step_0000008"]
+    assert (run / "config.yaml").is_file() and (run / "run.json").is_file()
+    result = json.loads((run / "result.json").read_text())
+    assert result["step"] == 8 and result["unigram_entropy"] > 0
+
+    from ember.tokenizer import Tokenizer
+    from ember.train.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(run / "final")
+    assert model.cfg.vocab_size == 512 and model.cfg.n_layer == 2 and meta["extra"]["step"] == 8
+    assert Tokenizer.load(run / "final" / "tokenizer").vocab_size <= 512
+    # the exported weights are the trained ones: same val loss as the run reported
+    from ember.data.loader import TokenLoader
+    from ember.train.loss import cross_entropy
+
+    val = TokenLoader(tiny_data, "val", 64, 4)
+    with torch.no_grad():
+        losses = [cross_entropy(model(x), y).item() for x, y in val.iter_eval(2)]
+    assert sum(losses) / len(losses) == pytest.approx(result["val_loss"], abs=1e-5)
+
+    # export of a training checkpoint == final export
+    from ember.train.state import export_to_safetensors
+
+    export_to_safetensors(run / "checkpoints" / "step_0000008", tmp_path / "exported")
+    m2, _ = load_checkpoint(tmp_path / "exported")
+    for (n, a), (_, b) in zip(model.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), n
+
+    assert cli(["plot", str(run)]) == 0
+    for name in ("loss", "lr", "throughput", "overview"):
+        assert (run / "plots" / f"{name}.png").stat().st_size > 1000
+
+
+def test_plot_without_metrics_is_clear_error(tmp_path, capsys):
+    assert cli(["plot", str(tmp_path)]) == 1
+    assert "no metrics file" in capsys.readouterr().err
+
+
+def test_old_run_moved_aside_not_deleted(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    args = tiny_args(tiny_data, run, "--train.max-steps", "2", "--samples.num", "0", "--train.eval-every", "0")
+    assert cli(args) == 0
+    assert cli(args) == 0
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.")]
+    assert len(aside) == 1 and (aside[0] / "final" / "model.safetensors").is_file()
+
+
+def test_resume_without_checkpoint_is_clear_error(tiny_data, tmp_path, capsys):
+    assert cli(tiny_args(tiny_data, tmp_path / "none", "--resume")) == 1
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_model_config_from_preset_overrides_and_data_vocab():
+    cfg = Config(model_preset="small")
+    cfg.model.n_layer = 6
+    mc = build_model_config(cfg, data_vocab=4000)
+    assert mc.n_layer == 6 and mc.n_embd == 256 and mc.vocab_size == 4032
+    assert pad_vocab(4096) == 4096 and pad_vocab(50257) == 50304
+    cfg.model.vocab_size = 100
+    with pytest.raises(EmberError, match="smaller than the tokenizer"):
+        build_model_config(cfg, data_vocab=4000)
+    with pytest.raises(EmberError, match="preset"):
+        build_model_config(Config(model_preset="smal"), None)
+
+
+def test_unigram_entropy():
+    assert unigram_entropy(torch.tensor([5, 5, 5, 5, 0])) == pytest.approx(math.log(4))
+    assert unigram_entropy(torch.tensor([7])) == pytest.approx(0.0)
