@@ -7,7 +7,8 @@ import torch
 
 from ember.errors import EmberError
 from ember.parallel import (ParallelConfig, ParallelDims, all_reduce_mean, autocast, barrier,
-                            destroy_distributed, init_distributed, make_grad_scaler, resolve_data_parallel)
+                            destroy_distributed, init_distributed, launched_by_torchrun, make_grad_scaler,
+                            resolve_data_parallel)
 
 
 def test_single_process_dims(monkeypatch):
@@ -70,3 +71,15 @@ def test_precision_helpers():
         assert (x @ x).dtype == torch.float32
     with autocast(two, fp16):
         assert (x @ x).dtype == torch.float16
+
+
+def test_launched_by_torchrun(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not launched_by_torchrun()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launched_by_torchrun()
+
+
+def test_bad_choice_is_a_clear_error():
+    with pytest.raises(EmberError, match="parallel.mixed_precision='fp8'.*HINT"):
+        resolve_data_parallel(ParallelConfig(mixed_precision="fp8"), ParallelDims())

@@ -52,6 +52,11 @@ class ParallelDims:
         return self.world_size > 1
 
 
+def launched_by_torchrun() -> bool:
+    """True inside a process started by torchrun / torch.distributed.run (WORLD_SIZE is set)."""
+    return bool(os.environ.get("WORLD_SIZE"))
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or value == "":

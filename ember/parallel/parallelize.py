@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ember.errors import EmberError
 from ember.log import log, warn
 from ember.parallel.ac import apply_activation_checkpointing
 from ember.parallel.config import ParallelConfig
@@ -30,10 +31,22 @@ from ember.parallel.fsdp import apply_ddp, apply_fsdp
 FULL_INIT_MAX_PARAMS = 2_000_000_000
 
 
+_CHOICES = {"data_parallel": ("auto", "none", "ddp", "fsdp"), "mixed_precision": ("fp32", "bf16", "fp16"),
+            "activation_checkpointing": ("none", "full", "selective")}
+
+
+def check_config(cfg: ParallelConfig) -> None:
+    """Raise EmberError for a value outside a field's choices (YAML files are not checked by tyro)."""
+    for name, choices in _CHOICES.items():
+        value = getattr(cfg, name)
+        if value not in choices:
+            raise EmberError(f"parallel.{name}={value!r}: expected one of {', '.join(choices)}. "
+                             f"HINT: --parallel.{name.replace('_', '-')} {choices[0]}")
+
+
 def resolve_data_parallel(cfg: ParallelConfig, dims: ParallelDims) -> str:
     """The data-parallel mode actually used: "none", "ddp" or "fsdp" ("auto": fsdp on > 1 process)."""
-    if cfg.data_parallel not in ("auto", "none", "ddp", "fsdp"):
-        raise ValueError(f"data_parallel={cfg.data_parallel!r}: expected auto, none, ddp or fsdp")
+    check_config(cfg)
     if dims.dp_size == 1:
         return "none"
     return "fsdp" if cfg.data_parallel == "auto" else cfg.data_parallel
@@ -77,6 +90,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> nn
     if cfg.mixed_precision != "fp32" and dims.device.type == "cpu":
         warn(f"mixed_precision={cfg.mixed_precision} on CPU: bf16/fp16 matmuls are ~30x slower than fp32 "
              "on CPUs without AMX; use fp32 there")
+    if mode != "fsdp" and (cfg.cpu_offload or not cfg.reshard_after_forward):
+        warn(f"parallel: cpu_offload / reshard_after_forward apply to FSDP2 only; ignored with {mode!r} "
+             f"(world size {dims.world_size})")
     meta = is_meta(model)
     # 1. tensor parallelism: not yet
     # 2. activation checkpointing (per block; before compile so the recompute is compiled too)
