@@ -127,6 +127,17 @@ def _chunks(docs: Iterator[str], n: int) -> Iterator[list[str]]:
         yield chunk
 
 
+def _mp_context():
+    """fork (cheap: workers inherit the imports) unless torch.distributed is running in this process
+    (its native threads make fork unsafe); then forkserver/spawn."""
+    methods = mp.get_all_start_methods()
+    dist = sys.modules.get("torch.distributed")
+    busy = dist is not None and dist.is_available() and dist.is_initialized()
+    if "fork" in methods and not busy:
+        return mp.get_context("fork")
+    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
 def _pool_results(cfg: PrepareConfig, docs: Iterator[str]) -> Iterator[tuple]:
     """Per-document results in input order, computed by `num_proc` processes."""
     chunks = _chunks(docs, cfg.chunk_docs)
@@ -135,9 +146,7 @@ def _pool_results(cfg: PrepareConfig, docs: Iterator[str]) -> Iterator[tuple]:
         for chunk in chunks:
             yield from _process_chunk(chunk)
         return
-    methods = mp.get_all_start_methods()
-    ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-    with ctx.Pool(cfg.num_proc, initializer=_init_worker, initargs=(cfg,)) as pool:
+    with _mp_context().Pool(cfg.num_proc, initializer=_init_worker, initargs=(cfg,)) as pool:
         while window := list(itertools.islice(chunks, cfg.num_proc * 4)):  # bounded memory
             for result in pool.map(_process_chunk, window, chunksize=1):
                 yield from result
@@ -171,7 +180,7 @@ def val_indices(n_docs: int, cfg: SplitConfig) -> set[int]:
     """Deterministic choice of validation documents by index."""
     if n_docs < 2:
         return set()
-    n_val = min(n_docs - 1, max(cfg.min_val_docs, round(n_docs * cfg.val_fraction)))
+    n_val = min(n_docs // 2, max(cfg.min_val_docs, round(n_docs * cfg.val_fraction)))  # train keeps >= half
     return set(np.random.default_rng(cfg.seed).choice(n_docs, n_val, replace=False).tolist())
 
 

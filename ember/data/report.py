@@ -73,8 +73,9 @@ def format_table(report: dict) -> str:
     console.print(table)
     inp = report["input"]
     console.print(f"PII replaced: {report['pii']['email']} e-mail, {report['pii']['ip']} IP, "
-                  f"{report['pii']['phone']} phone | invalid UTF-8: {inp['bad_utf8_chars']} chars in "
-                  f"{inp['bad_utf8_docs']} docs | bad JSONL lines skipped: {inp['bad_lines']}")
+                  f"{report['pii']['phone']} phone")
+    console.print(f"invalid UTF-8: {inp['bad_utf8_chars']} chars in {inp['bad_utf8_docs']} docs; "
+                  f"bad JSONL lines skipped: {inp['bad_lines']}")
     if report.get("mb_per_s"):
         console.print(f"time: {report['seconds']} s, {report['mb_per_s']} MB/s")
     return buf.getvalue().rstrip()
