@@ -13,6 +13,15 @@ from ember.models.kv_cache import clear_caches, setup_caches
 GREEDY = SamplingParams(temperature=0)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are overhead-bound: one thread is faster (and steadier on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _model(name, seed=0):
     m = Transformer(preset(name))
     m.init_weights(seed)
