@@ -184,11 +184,14 @@ def test_cli(tmp_path, tokenizer_dir, capsys):
     from ember.cli import main
 
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"body": make_doc(i)}) + "\n" for i in range(6)))
-    args = ["data", "prepare", "--input", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "o"),
-            "--tokenizer", tokenizer_dir, "--no-progress"]
-    assert main(args + ["--text-field", "body"]) == 0
-    assert "kept" in capsys.readouterr().out and (tmp_path / "o" / "manifest.json").exists()
-    assert main(args) == 1
+    (tmp_path / "b.json").write_text(json.dumps([{"body": make_doc(10)}, {"body": make_doc(11)}]))
+    (tmp_path / "c.txt").write_text(make_doc(12) + "\n@@\n" + make_doc(13))
+    args = ["data", "prepare", "--out", str(tmp_path / "o"), "--tokenizer", tokenizer_dir, "--no-progress"]
+    inputs = ["--input", str(tmp_path / "a.jsonl"), str(tmp_path / "b.json"), str(tmp_path / "c.txt")]
+    assert main(args + inputs + ["--text-field", "body", "--txt-separator", "\\n@@\\n", "--num-proc", "1"]) == 0
+    assert "kept" in capsys.readouterr().out
+    assert shards.read_manifest(tmp_path / "o")["report"]["kept"]["docs"] == 10
+    assert main(args + ["--input", str(tmp_path / "a.jsonl")]) == 1
     err = capsys.readouterr().err
     assert "field 'text' is missing" in err and len(err.strip().splitlines()) == 1
 

@@ -77,8 +77,8 @@ class PrepareConfig:
     '' = one document per file."""
     skip_bad_lines: bool = False
     """Skip (and count) malformed JSONL lines instead of failing on the first one."""
-    num_proc: int = 1
-    """Worker processes for cleaning/filtering/fingerprinting (results do not depend on it)."""
+    num_proc: int = 2
+    """Worker processes for cleaning/filtering/fingerprinting (the output does not depend on it)."""
     chunk_docs: int = 64
     """Documents per work item sent to a worker."""
     progress: bool = True

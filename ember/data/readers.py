@@ -1,7 +1,8 @@
 """Input readers: .txt, .jsonl and .parquet files (plain, .gz or .xz) -> a stream of documents.
 
 * `.txt`: the whole file is one document, or it is split on `ReadConfig.txt_separator`.
-* `.jsonl`: one JSON object per line; the document is `obj[text_field]` (a string).
+* `.jsonl`: one JSON object per line; the document is `obj[text_field]` (a string). A `.json` file
+  that starts with '[' is read as one array of such objects.
 * `.parquet`: the column `text_field` (read in record batches with pyarrow).
 Bytes are decoded as UTF-8; invalid sequences become U+FFFD and are counted
 (`ReadStats.bad_utf8_docs`, `.bad_utf8_chars`). Bad input raises `EmberError` naming the file (and
@@ -97,7 +98,38 @@ def _read_txt(path: Path, cfg: ReadConfig, stats: ReadStats) -> Iterator[str]:
     yield from (text.split(cfg.txt_separator) if cfg.txt_separator else [text])
 
 
+def _field(obj: dict, where: str, cfg: ReadConfig) -> str:
+    text = obj.get(cfg.text_field)
+    if not isinstance(text, str):
+        what = "missing" if text is None else f"a {type(text).__name__}, not a string"
+        raise EmberError(f"{where}: field '{cfg.text_field}' is {what}; keys are {sorted(obj)[:8]}. "
+                         "HINT: pass --text-field NAME")
+    return text
+
+
+def _read_json_array(path: Path, cfg: ReadConfig, stats: ReadStats) -> Iterator[str]:
+    """A .json file holding one array of objects (else it is read as JSONL)."""
+    with _open(path) as f:
+        try:
+            records = json.loads(decode(f.read(), stats))
+        except ValueError as e:
+            raise EmberError(f"{path}: not valid JSON ({e}), expected an array of objects. HINT: fix the file") from None
+    for i, obj in enumerate(records):
+        if not isinstance(obj, dict):
+            raise EmberError(f"{path}: item {i} is a {type(obj).__name__}, expected an object with "
+                             f"'{cfg.text_field}'. HINT: pass JSONL or an array of objects")
+        yield _field(obj, f"{path}: item {i}", cfg)
+
+
+def _starts_with_bracket(path: Path) -> bool:
+    with _open(path) as f:
+        return f.read(4096).lstrip()[:1] == b"["
+
+
 def _read_jsonl(path: Path, cfg: ReadConfig, stats: ReadStats) -> Iterator[str]:
+    if _base_suffix(path) == ".json" and _starts_with_bracket(path):
+        yield from _read_json_array(path, cfg, stats)
+        return
     with _open(path) as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
@@ -112,12 +144,7 @@ def _read_jsonl(path: Path, cfg: ReadConfig, stats: ReadStats) -> Iterator[str]:
                     continue
                 raise EmberError(f"{path}:{lineno}: malformed JSONL line ({e}), expected one JSON object "
                                  "per line. HINT: fix the line or pass --skip-bad-lines") from None
-            text = obj.get(cfg.text_field)
-            if not isinstance(text, str):
-                what = "missing" if text is None else f"a {type(text).__name__}, not a string"
-                raise EmberError(f"{path}:{lineno}: field '{cfg.text_field}' is {what}; keys are "
-                                 f"{sorted(obj)[:8]}. HINT: pass --text-field NAME")
-            yield text
+            yield _field(obj, f"{path}:{lineno}", cfg)
 
 
 def _read_parquet(path: Path, cfg: ReadConfig, stats: ReadStats) -> Iterator[str]:
@@ -132,8 +159,11 @@ def _read_parquet(path: Path, cfg: ReadConfig, stats: ReadStats) -> Iterator[str
                          "HINT: pass --text-field NAME")
     for batch in pf.iter_batches(columns=[cfg.text_field], batch_size=1024):
         for text in batch.column(0).to_pylist():
-            if text is not None:
+            if isinstance(text, str):
                 yield text
+            elif text is not None:
+                raise EmberError(f"{path}: column '{cfg.text_field}' holds {type(text).__name__} values, "
+                                 "expected strings. HINT: pass --text-field NAME")
 
 
 def read_documents(paths: list[str | Path], cfg: ReadConfig, stats: ReadStats) -> Iterator[str]:
