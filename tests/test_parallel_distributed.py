@@ -43,6 +43,9 @@ CASES = {
     "fsdp-ac-full": ("tiny", dict(data_parallel="fsdp", activation_checkpointing="full"), 1),
     "fsdp-ac-selective-llama": ("tiny-llama", dict(data_parallel="fsdp", activation_checkpointing="selective"), 1),
     "ddp-ac-full": ("tiny", dict(data_parallel="ddp", activation_checkpointing="full"), 1),
+    # "-pre": parallelize an already initialised model (e.g. loaded weights) instead of a meta one
+    "fsdp-pre": ("tiny", dict(data_parallel="fsdp"), 1),
+    "ddp-pre": ("tiny", dict(data_parallel="ddp"), 1),
 }
 # loose-tolerance cases (low precision compute): compared with the fp32 reference to 2e-2
 LOW_PRECISION = {
@@ -63,12 +66,20 @@ def global_batch(step: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     return data[:, :-1], data[:, 1:]  # (B, T) inputs, (B, T) targets
 
 
-def build(model_name: str, pcfg: ParallelConfig, dims: ParallelDims):
-    """Meta build -> parallelize -> materialize(seed 0), plus AdamW and (fp16) a GradScaler."""
-    with torch.device("meta"):
+def build(model_name: str, pcfg: ParallelConfig, dims: ParallelDims, on_meta: bool = True):
+    """Meta build -> parallelize -> materialize(seed 0), plus AdamW and (fp16) a GradScaler.
+
+    on_meta=False: init_weights(0) first, then parallelize the real model (no materialize).
+    """
+    if on_meta:
+        with torch.device("meta"):
+            model = Transformer(preset(model_name))
+        model = parallelize(model, dims, pcfg)
+        materialize(model, dims, seed=0)
+    else:
         model = Transformer(preset(model_name))
-    model = parallelize(model, dims, pcfg)
-    materialize(model, dims, seed=0)
+        model.init_weights(0)
+        model = parallelize(model, dims, pcfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     return model, opt, make_grad_scaler(dims, pcfg)
 
@@ -105,9 +116,9 @@ def train_step(model, opt, scaler, step: int, dims: ParallelDims, pcfg: Parallel
 
 
 def train_losses(model_name: str, pcfg: ParallelConfig, dims: ParallelDims, accum: int = 1,
-                 reference: bool = False) -> dict:
+                 reference: bool = False, on_meta: bool = True) -> dict:
     """Losses (global mean) and grad norms of STEPS steps on the fixed global batches, plus model facts."""
-    model, opt, scaler = build(model_name, pcfg, dims)
+    model, opt, scaler = build(model_name, pcfg, dims, on_meta)
     inner = unwrap(model)
     out = {"loss": [], "norm": [], "tied": inner.output.weight is inner.tok_embeddings.weight,
            "names": sorted(n for n, _ in inner.named_parameters()),
@@ -145,7 +156,8 @@ def worker(case_names: list[str], out_path: str) -> None:
             results[name] = dcp_save(dims, Path(out_path).parent / "dcp_run")
             continue
         model_name, kw, accum = ALL[name]
-        results[name] = train_losses(model_name, ParallelConfig(**kw), dims, accum=accum)
+        results[name] = train_losses(model_name, ParallelConfig(**kw), dims, accum=accum,
+                                     on_meta=not name.endswith("-pre"))
     if dims.is_main:
         Path(out_path).write_text(json.dumps(results))
     destroy_distributed()

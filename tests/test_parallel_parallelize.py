@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ember.models import Transformer, preset
 from ember.parallel import ParallelConfig, ParallelDims, materialize, parallelize, unwrap
@@ -41,3 +44,21 @@ def test_fsdp_policies_from_config():
     assert kw["mp_policy"].param_dtype == torch.bfloat16 and kw["mp_policy"].reduce_dtype == torch.float32
     assert kw["offload_policy"].pin_memory == torch.accelerator.is_available()
     assert "mp_policy" not in fsdp_kwargs(dims, ParallelConfig(mixed_precision="fp16"))  # autocast + scaler
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("EMBER_TEST_COMPILE"),
+                    reason="compiling takes minutes on 2 CPU cores; set EMBER_TEST_COMPILE=1")
+def test_compile_in_place_keeps_names_and_numerics():
+    ref = Transformer(preset("tiny-llama"))
+    ref.init_weights(0)
+    model = Transformer(preset("tiny-llama"))
+    model.init_weights(0)
+    keys = list(model.state_dict())
+    model = parallelize(model, ParallelDims(), ParallelConfig(compile=True, activation_checkpointing="selective"))
+    assert list(model.state_dict()) == keys
+    x = torch.randint(0, 512, (2, 16))
+    for m in (ref, model):
+        F.cross_entropy(m(x).flatten(0, 1), x.flatten()).backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=n)
