@@ -2,7 +2,7 @@
 
 Stages (see ARCHITECTURE.md):
 
-    read (main) ─▶ chunks ─▶ Pool.map, ordered: normalise, quality filter, scrub PII, fingerprint
+    read (main) ─▶ chunks ─▶ Pool.imap, ordered: normalise, quality filter, scrub PII, fingerprint
                                   │
                                   ▼ (main, input order)
                    exact + near dedup ─▶ kept docs to a temp JSONL ─▶ train/val split by document
@@ -26,6 +26,7 @@ import json
 import multiprocessing as mp
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,17 +140,34 @@ def _mp_context():
 
 
 def _pool_results(cfg: PrepareConfig, docs: Iterator[str]) -> Iterator[tuple]:
-    """Per-document results in input order, computed by `num_proc` processes."""
+    """Per-document results in input order, computed by `num_proc` processes.
+
+    `Pool.imap` keeps results in order; a semaphore keeps at most 4 chunks per worker in flight, so
+    memory stays bounded (imap's feeder thread would otherwise read the whole input ahead)."""
     chunks = _chunks(docs, cfg.chunk_docs)
     if cfg.num_proc <= 1:
         _init_worker(cfg)
         for chunk in chunks:
             yield from _process_chunk(chunk)
         return
+    budget, stop = threading.Semaphore(cfg.num_proc * 4), threading.Event()
+
+    def feed() -> Iterator[list[str]]:
+        for chunk in chunks:
+            budget.acquire()
+            if stop.is_set():
+                return
+            yield chunk
+
     with _mp_context().Pool(cfg.num_proc, initializer=_init_worker, initargs=(cfg,)) as pool:
-        while window := list(itertools.islice(chunks, cfg.num_proc * 4)):  # bounded memory
-            for result in pool.map(_process_chunk, window, chunksize=1):
+        try:
+            for result in pool.imap(_process_chunk, feed()):
+                budget.release()
                 yield from result
+        finally:  # unblock the feeder so the pool can shut down
+            stop.set()
+            for _ in range(cfg.num_proc * 4 + 1):
+                budget.release()
 
 
 def clean_and_dedup(cfg: PrepareConfig, work: Path, report: Report, stats: ReadStats) -> int:
