@@ -119,6 +119,19 @@ class Transformer(nn.Module):
         prefix_len: (B,) prefix lengths, for mask='prefix'.
         attn_mask:  (B, 1, T, S) bool, AND-ed with the mode's mask (e.g. left-padding in batched decode).
         """
+        h = self.hidden_states(tokens, input_pos=input_pos, positions=positions, prefix_len=prefix_len,
+                               attn_mask=attn_mask)
+        return self.output(h) if self.output is not None else h
+
+    def hidden_states(self, tokens: torch.Tensor, *, input_pos: Optional[torch.Tensor] = None,
+                      positions: Optional[torch.Tensor] = None, prefix_len: Optional[torch.Tensor] = None,
+                      attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The final-norm output (B, T, C) that `output` turns into logits; arguments as `forward`.
+
+        Losses that fuse the head (train/fused_loss.py) call this and `output.weight` so the
+        (B, T, V) logits are never materialised. It bypasses `__call__`, so module hooks of the
+        root (DDP, FSDP2 root) do not run: wrapped models use `forward`.
+        """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         B, T = h.shape[:2]
         if positions is None:
@@ -137,7 +150,7 @@ class Transformer(nn.Module):
             h = layer(h, rope, mask, is_causal, input_pos)
         if self.norm is not None:
             h = self.norm(h)
-        return self.output(h) if self.output is not None else h
+        return h
 
     def _key_len(self, T: int, input_pos: Optional[torch.Tensor]) -> int:
         if input_pos is None:

@@ -1,0 +1,144 @@
+"""Fused output head + cross-entropy: the loss of `hidden @ W^T` without materialising the logits.
+
+With a 50k vocabulary the logits dominate a small model's memory traffic: B=8, T=256, V=50304 is
+412 MB of fp32 logits, then as much again for log-softmax, its gradient and the logits' gradient.
+On a CPU with ~22 GB/s that traffic (and the page faults of allocating it afresh each step) costs
+more than the attention. Here the rows are processed in chunks that fit in the last-level cache:
+
+    for each chunk of N_c rows:                         (N_c, C) hidden, (V, C) weight
+        z  = h_c @ W^T                                   (N_c, V)  one reused buffer
+        loss_c = logsumexp(z) - z[target]
+        z  <- (softmax(z) - onehot(target)) * scale      in place: the gradient of the loss wrt z
+        dh_c = z @ W ;  dW += z^T @ h_c                  gradients, computed in the forward pass
+
+The backward pass only scales the stored gradients by the incoming grad (a scalar). Same value
+and gradients as `train.loss.cross_entropy(model.output(h), targets)` (to fp32 rounding); the
+matmul FLOPs are the same, the logits are never whole. (The idea of Liger-Kernel's fused linear
+cross-entropy, arXiv:2410.10989, done with plain torch ops.)
+
+Use through `model_loss(model, tokens, targets)`, which runs the model up to its final norm
+(`Transformer.hidden_states`) and applies this to `model.output.weight`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ember.train.loss import IGNORE_INDEX, cross_entropy
+
+DEFAULT_CHUNK = 64
+"""Rows per chunk: 64 x 50304 fp32 = 12.9 MB, which stays in a 32 MB L3 (measured in bench/)."""
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """loss = CE(h @ W^T, targets); gradients computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                reduction: str, chunk_size: int) -> torch.Tensor:
+        N = h.shape[0]
+        valid = targets != ignore_index  # (N,)
+        denom = valid.sum().clamp(min=1).to(torch.float32) if reduction == "mean" else torch.ones(())
+        # per-row gradient scale: 1/denom on counted rows, 0 on ignored ones (log: -inf -> exp 0)
+        log_scale = torch.where(valid, -denom.log(), float("-inf"))  # (N,)
+        safe_t = torch.where(valid, targets, 0)  # (N,)
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dh = torch.empty_like(h) if need_dh else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+        losses = torch.empty(N, dtype=torch.float32, device=h.device)
+        fp32 = h.dtype == torch.float32 and weight.dtype == torch.float32
+        buf = torch.empty(min(chunk_size, N), weight.shape[0], dtype=torch.float32, device=h.device) if fp32 else None
+        for s in range(0, N, chunk_size):
+            e = min(s + chunk_size, N)
+            h_c, t_c = h[s:e], safe_t[s:e]  # (n, C), (n,)
+            if fp32:
+                z = torch.mm(h_c, weight.t(), out=buf[: e - s])  # (n, V)
+            else:
+                z = torch.mm(h_c, weight.t()).float()
+            lse = torch.logsumexp(z, dim=1)  # (n,)
+            losses[s:e] = (lse - z.gather(1, t_c[:, None]).squeeze(1)) * valid[s:e]
+            # z <- softmax(z) * scale - onehot * scale: the gradient of the (mean) loss wrt z
+            z.sub_((lse - log_scale[s:e])[:, None]).exp_()
+            z.scatter_add_(1, t_c[:, None], -log_scale[s:e].exp()[:, None])
+            zg = z if fp32 else z.to(h.dtype)
+            if need_dh:
+                torch.mm(zg, weight, out=dh[s:e]) if fp32 else dh[s:e].copy_(zg @ weight)
+            if need_dw:
+                dw.addmm_(zg.t().float(), h_c.float()) if not fp32 else dw.addmm_(zg.t(), h_c)
+        ctx.save_for_backward(dh, dw)
+        total = losses.sum()
+        return total / denom if reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        dh, dw = ctx.saved_tensors
+        gh = dh * grad_out.to(dh.dtype) if dh is not None else None
+        gw = dw * grad_out if dw is not None else None
+        return gh, gw, None, None, None, None
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                               ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
+                               chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Cross-entropy of `hidden @ weight.T` against `targets`, computed in row chunks.
+
+    hidden: (B, T, C) or (N, C); weight: (V, C) (e.g. `model.output.weight`);
+    targets: (B, T) or (N,) int64, `ignore_index` positions do not count.
+    reduction: "mean" over counted tokens, or "sum". Returns a scalar fp32 tensor.
+    Differentiable wrt hidden and weight (gradients are computed in the forward pass, so call
+    `.backward()` on the result once, as with any loss).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    C = hidden.shape[-1]
+    h = hidden.reshape(-1, C)
+    if not h.is_contiguous():
+        h = h.contiguous()
+    return _FusedLinearCE.apply(h, weight, targets.reshape(-1), ignore_index, reduction, chunk_size)
+
+
+def can_fuse(model: torch.nn.Module) -> bool:
+    """True when `model_loss` can bypass `model.__call__`: a plain Transformer with a head.
+
+    DDP/FSDP2 roots and `torch.compile(model)` wrappers do work in `__call__` (hooks, the compiled
+    graph), so they keep the plain logits path. Compile such a model per block instead
+    (`for b in model.layers.values(): b.compile()`), which keeps the fused head.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    from ember.models import Transformer
+
+    return (type(model).__name__ != "OptimizedModule" and isinstance(model, Transformer)
+            and not isinstance(model, FSDPModule) and getattr(model, "output", None) is not None
+            and not model._forward_pre_hooks and not model._forward_hooks)
+
+
+def model_loss(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor,
+               ignore_index: int = IGNORE_INDEX, chunk_size: int = DEFAULT_CHUNK,
+               **forward_kwargs) -> torch.Tensor:
+    """Mean next-token cross-entropy of an ember Transformer, without materialising its logits.
+
+    Equals `cross_entropy(model(tokens, **forward_kwargs), targets)` (forward_kwargs as in
+    `Transformer.forward`: positions, prefix_len, attn_mask). When `can_fuse(model)` is False
+    (DDP, FSDP2 root, whole-model compile) it is exactly that plain path.
+    """
+    if not can_fuse(model):
+        return cross_entropy(model(tokens, **forward_kwargs), targets, ignore_index=ignore_index)
+    hidden = model.hidden_states(tokens, **forward_kwargs)  # (B, T, C), after the final norm
+    return fused_linear_cross_entropy(hidden, model.output.weight, targets, ignore_index=ignore_index,
+                                      chunk_size=chunk_size)
+
+
+def fused_lm_loss(model: torch.nn.Module, batch, z_coef: float = 0.0) -> tuple[torch.Tensor, int]:
+    """Drop-in for `train.loop.lm_loss` (same signature and result) using `model_loss`.
+
+    Falls back to `lm_loss` when a z-loss is asked for (it needs the logits' log-partition).
+    """
+    from ember.train.loop import lm_loss
+
+    if z_coef:
+        return lm_loss(model, batch, z_coef)
+    inputs, targets = batch[0], batch[1]
+    return model_loss(model, inputs, targets), int(targets.numel())
