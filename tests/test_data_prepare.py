@@ -220,3 +220,17 @@ def test_prepare_default_is_cached_and_idempotent(tmp_path, monkeypatch):
     monkeypatch.setattr(bundled, "prepare", pipeline.prepare)
     assert bundled.prepare_default(vocab_size=300, num_proc=1) == out
     TokenLoader(out, "val", block_size=8, batch_size=2).next_batch()
+
+
+def test_bundled_assets_match_their_readme():
+    import hashlib
+
+    from ember.data import bundled
+
+    readme = (bundled.ASSETS / "README.md").read_text()
+    total = 0
+    for path in bundled.bundled_inputs():
+        data = open(path, "rb").read()
+        total += len(data)
+        assert hashlib.sha256(data).hexdigest() in readme, path
+    assert total < 3_000_000

@@ -18,6 +18,8 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+from ember.log import log
+
 HERE = Path(__file__).resolve().parent
 DL = Path(".cache/dl")
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -62,7 +64,7 @@ def kjv_docs(jsonl: str) -> list[str]:
 def write_jsonl_xz(path: Path, docs: list[str]) -> None:
     raw = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs).encode()
     path.write_bytes(lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME))
-    print(f"{path.name}: {len(docs)} documents, {len(raw):,} B jsonl -> {path.stat().st_size:,} B xz, "
+    log(f"{path.name}: {len(docs)} documents, {len(raw):,} B jsonl -> {path.stat().st_size:,} B xz, "
           f"sha256 {hashlib.sha256(path.read_bytes()).hexdigest()}")
 
 
