@@ -2,7 +2,8 @@
 
 Signatures are computed per document in the worker processes (`doc_fingerprint`); the `Deduper`
 runs in the main process and sees documents in input order, so the first copy is kept and the
-result does not depend on the number of processes.
+result does not depend on the number of processes. LSH candidates are confirmed with the signature
+estimate of Jaccard similarity (fraction of equal MinHash values) >= `DedupConfig.threshold`.
 """
 
 from __future__ import annotations
@@ -100,7 +101,6 @@ class Deduper:
         # signature estimate of Jaccard, so the extra candidates cost time but not false drops.
         self.lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, weights=(0.1, 0.9)) if cfg.near else None
         self.sigs: list[np.ndarray] = []
-        self.count = 0
         self._scheme = _scheme()
 
     def check(self, digest: bytes, values: np.ndarray | None) -> str | None:
@@ -119,5 +119,4 @@ class Deduper:
         if m is not None:
             self.lsh.insert(str(len(self.sigs)), m, check_duplication=False)
             self.sigs.append(values)
-        self.count += 1
         return None
