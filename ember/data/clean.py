@@ -44,7 +44,8 @@ PHONE = re.compile(
     r"|(?:\(\d{3}\) ?|\d{3}[-. ])\d{3}[-.]\d{4})(?![\w]|[-.]\d)"
 )
 
-_PHONE_HINT = re.compile(r"\d{3}[-. )]")
+_PHONE_HINT = re.compile(r"\d{3}[-. )]")  # cheap pre-checks: most documents have neither
+_IPV4_HINT = re.compile(r"\d\.\d")
 
 
 def normalize(text: str, form: str) -> str:
@@ -77,7 +78,7 @@ def scrub_pii(text: str, cfg: CleanConfig) -> tuple[str, dict[str, int]]:
     counts = {"email": 0, "ip": 0, "phone": 0}
     if "@" in text:
         text, counts["email"] = EMAIL.subn(cfg.email_token, text)
-    if "." in text:
+    if _IPV4_HINT.search(text):
         text, counts["ip"] = IPV4.subn(cfg.ip_token, text)
     if "::" in text or text.count(":") >= 7:
         text = _IPV6_CANDIDATE.sub(lambda m: _ipv6(m, cfg.ip_token, counts), text)

@@ -196,9 +196,17 @@ def _ngram_rules(words: list[str], cfg: FilterConfig) -> str | None:
     for n, limit in zip((2, 3, 4), cfg.max_top_ngram_frac):
         if n in hashes and _top_frac(hashes[n], lens, n) > limit:
             return f"top_{n}gram"
-    for n, limit in zip(range(5, 11), cfg.max_dup_ngram_frac):
-        if n in hashes and _dup_frac(hashes[n], lens, n) > limit:
+    limits = list(zip(range(5, 11), cfg.max_dup_ngram_frac))
+    for k, (n, limit) in enumerate(limits):
+        if n not in hashes:
+            break
+        frac = _dup_frac(hashes[n], lens, n)
+        if frac > limit:
             return f"dup_{n}gram"
+        # words covered by a repeated longer n-gram are covered by a repeated shorter one, so the
+        # fraction only falls with n: stop once it is under every remaining limit
+        if k + 1 < len(limits) and frac <= min(lim for _, lim in limits[k + 1:]):
+            break
     return None
 
 
