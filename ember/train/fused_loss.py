@@ -28,8 +28,9 @@ import torch
 
 from ember.train.loss import IGNORE_INDEX, cross_entropy
 
-DEFAULT_CHUNK = 64
-"""Rows per chunk: 64 x 50304 fp32 = 12.9 MB, which stays in a 32 MB L3 (measured in bench/)."""
+DEFAULT_CHUNK = 256
+"""Rows per chunk (256 x 50304 fp32 = 51 MB buffer). Smaller chunks re-read the (V, C) weight gradient
+more often; bench/forward_backward.py --chunk N measures it."""
 
 
 class _FusedLinearCE(torch.autograd.Function):
