@@ -349,11 +349,17 @@ def _run(cfg: Config, dims) -> int:
         _check_resume(ckpt, mcfg)
         trainer.resume(ckpt)
     t0 = time.perf_counter()
-    summary = trainer.fit(until=cfg.stop_at)
+    try:
+        summary = trainer.fit(until=cfg.stop_at)
+    except KeyboardInterrupt:
+        if dims.world_size == 1 and trainer.step > 0:  # multi-rank: the ranks may be mid-collective
+            trainer.save()
+            log(f"\ninterrupted: saved step {trainer.step}; run the same command with --resume to continue")
+        raise
     if trainer.step > 0:
         trainer.save()
     if trainer.step < cfg.train.max_steps:
-        log(f"stopped at step {trainer.step} (--stop-at); continue with: ember pretrain --resume --run-dir {cfg.run_dir}")
+        log(f"stopped at step {trainer.step} (--stop-at): to continue, run the same command with --resume")
         trainer.close()
         return 0
     val = trainer.final_eval()

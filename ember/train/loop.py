@@ -66,6 +66,9 @@ class TrainConfig:
     """AdamW epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)."""
+    fused_loss: bool = False
+    """Compute the output head and cross-entropy together, chunk by chunk, never materialising the logits
+    (ember.train.fused_loss; same values to fp32 rounding). DDP/FSDP2 models use the plain loss."""
     z_loss: float = 0.0
     """Coefficient of the z-loss (PaLM) added to the training loss; 0 = off."""
     seed: int = 1337
@@ -167,7 +170,7 @@ class Trainer:
         self.train_loader, self.val_loader, self.cfg = train_loader, val_loader, cfg
         self.dims, self.parallel = dims, parallel
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.loss_fn = loss_fn or (lambda m, b: lm_loss(m, b, cfg.z_loss))
+        self.loss_fn = loss_fn or self._default_loss_fn(cfg)
         self.flops_per_token = flops_per_token
         self.ckpt_meta = dict(ckpt_meta or {})
         self.device = getattr(dims, "device", None) or next(model.parameters()).device
@@ -181,6 +184,14 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir, cfg.tensorboard) if self.run_dir is not None else None
         self.last_eval: dict = {}
         self._saved_step: Optional[int] = None
+
+    @staticmethod
+    def _default_loss_fn(cfg: TrainConfig) -> Callable:
+        if cfg.fused_loss:
+            from ember.train.fused_loss import fused_lm_loss
+
+            return lambda m, b: fused_lm_loss(m, b, cfg.z_loss)
+        return lambda m, b: lm_loss(m, b, cfg.z_loss)
 
     # ------------------------------------------------------------------ parallel hooks
     def _make_scaler(self):
