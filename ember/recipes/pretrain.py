@@ -103,7 +103,7 @@ class Config:
     """Per-field changes to the preset (e.g. --model.n-layer 6)."""
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        max_steps=300, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=30, eval_every=100, eval_batches=8,
+        max_steps=350, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=30, eval_every=100, eval_batches=8,
         log_every=10, save_every=100, keep_last=2))
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     run_dir: str = "runs/pretrain"
