@@ -1,0 +1,154 @@
+"""Decode speed: ember vs `transformers.generate` on the same weights, and ember vs the bandwidth roofline.
+
+    .venv/bin/python bench/decode.py                       # GPT-2 124M shape, random fp32 weights, CPU
+    .venv/bin/python bench/decode.py --model smollm2       # SmolLM2-135M shape (Llama, GQA, tied)
+    .venv/bin/python bench/decode.py --compile             # also ember with torch.compile'd decode step
+
+One HF model (GPT2LMHeadModel or LlamaForCausalLM, random init, fp32) is converted into ember with
+ember.models.hf, so both run the very same weights. Both decode greedily from the same random prompt
+(`--prompt-len` tokens) for `--new-tokens` tokens with a KV cache (HF: use_cache=True), at batch 1 and
+batch 8; runs alternate (bench.common.time_interleaved) so machine noise hits both alike.
+tok/s = batch * new_tokens / wall time of the whole generate call (prefill included, both sides).
+
+Roofline (batch 1): each new token reads every weight once (the tied embedding once, as the head)
+plus the KV cache; bandwidth is measured in the same run (a large tensor sum), so
+roofline tok/s = bandwidth / bytes per token, and ember's decode-step rate is reported against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import machine_line, measure_memory_bandwidth, median, time_interleaved  # noqa: E402
+from ember.infer.generate import (Batch, _head_detached, compiled_decode_step, decode_step, generate,  # noqa: E402
+                                  transposed_head)
+from ember.infer.sample import SamplingParams  # noqa: E402
+from ember.models import Transformer  # noqa: E402
+from ember.models import hf as hfconv  # noqa: E402
+from ember.models.kv_cache import clear_caches, setup_caches  # noqa: E402
+
+
+def build_hf(name: str):
+    import transformers
+
+    torch.manual_seed(0)
+    if name == "gpt2":  # GPT-2 small: 124M params, vocab 50257, tied head
+        cfg = transformers.GPT2Config()
+        return transformers.GPT2LMHeadModel(cfg).eval(), "gpt2"
+    cfg = transformers.LlamaConfig(  # SmolLM2-135M shape
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=2048, rope_theta=100000.0, tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(cfg).eval(), "llama"
+
+
+def to_ember(hf, model_type: str) -> Transformer:
+    cfg = hfconv.config_from_hf(hf.config.to_dict())
+    sd = hfconv.state_dict_from_hf(hf.state_dict(), cfg, model_type)
+    if cfg.tie_embeddings:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.tie_weights()
+    model.reset_buffers(torch.device("cpu"))
+    return model.eval()
+
+
+def bytes_per_token(model: Transformer, context: int) -> int:
+    """Weight bytes read per decode step at batch 1 (embedding rows are a lookup; a tied head counts once)."""
+    emb = {id(m.weight) for m in (model.tok_embeddings, model.pos_embeddings) if m is not None}
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen or (id(p) in emb and p is not model.output.weight):
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+    c = model.cfg
+    kv = 2 * c.n_layer * c.n_kv_head * c.head_dim * context * 4  # keys and values, fp32
+    return total + kv
+
+
+def hf_generate(hf, ids: torch.Tensor, n: int) -> torch.Tensor:
+    with torch.inference_mode():
+        return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, use_cache=True, pad_token_id=0)[:, ids.shape[1]:]
+
+
+def ember_generate(model, ids: torch.Tensor, n: int, compile: bool = False, fast_head: bool = True) -> list[list[int]]:
+    return generate(model, ids.tolist(), n, SamplingParams(temperature=0), compile=compile, fast_head=fast_head)
+
+
+def decode_step_rate(model, ids: torch.Tensor, n: int, compile: bool) -> float:
+    """ember decode steps per second (prefill excluded), batch = ids.shape[0]."""
+    step = compiled_decode_step() if compile else decode_step
+    batch = Batch(ids.tolist(), n, ids.device)
+    with torch.inference_mode(), _head_detached(model) as head:
+        head_t = transposed_head(head, ids.device)
+        setup_caches(model, batch.B, batch.S)
+        h = model(batch.tokens, input_pos=batch.slots[: batch.T])[:, -1]
+        tok = (h @ head_t).argmax(-1, keepdim=True)
+        for i in range(3):  # warm-up (and compile)
+            step(model, head, head_t, tok, batch.slots[batch.T + i: batch.T + i + 1], None, None)
+        t0 = time.perf_counter()
+        for i in range(3, n):
+            pos = batch.slots[batch.T + i: batch.T + i + 1]
+            tok = step(model, head, head_t, tok, pos, None, None).argmax(-1, keepdim=True)
+        dt = time.perf_counter() - t0
+        clear_caches(model)
+    return (n - 3) / dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=["gpt2", "smollm2"], default="gpt2")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--compile", action="store_true", help="also time ember with a torch.compile'd decode step")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(machine_line())
+    hf, model_type = build_hf(args.model)
+    model = to_ember(hf, model_type)
+    n_params = model.num_params()
+    print(f"model: {args.model}-shaped {model_type}, {n_params / 1e6:.1f}M params, fp32, random weights; "
+          f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy")
+    n = args.new_tokens
+    for B in args.batch_sizes:
+        ids = torch.randint(0, model.cfg.vocab_size, (B, args.prompt_len), generator=torch.Generator().manual_seed(B))
+        same = ember_generate(model, ids, n) == hf_generate(hf, ids, n).tolist()
+        fns = {"hf": lambda: hf_generate(hf, ids, n), "ember": lambda: ember_generate(model, ids, n),
+               "ember(linear head)": lambda: ember_generate(model, ids, n, fast_head=False)}
+        if args.compile:
+            fns["ember+compile"] = lambda: ember_generate(model, ids, n, compile=True)
+        times = time_interleaved(fns, iters=args.iters, warmup=1)
+        rate = {k: B * n / median(v) for k, v in times.items()}
+        line = ", ".join(f"{k} {v:.1f} tok/s" for k, v in rate.items())
+        ratios = ", ".join(f"{k}/hf {v / rate['hf']:.2f}x" for k, v in rate.items() if k != "hf")
+        print(f"batch {B}: {line} | {ratios} | greedy outputs identical: {same}")
+    # roofline at batch 1, measured now (same load on the machine)
+    bw = measure_memory_bandwidth()["read"]
+    nbytes = bytes_per_token(model, args.prompt_len + n // 2)
+    roof = bw / nbytes
+    ids = torch.randint(0, model.cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
+    step = decode_step_rate(model, ids, n, False)
+    print(f"roofline: {nbytes / 1e6:.1f} MB read per token, bandwidth {bw / 1e9:.1f} GB/s (sum, "
+          f"{torch.get_num_threads()} threads) -> {roof:.1f} tok/s; ember batch-1 decode step "
+          f"{step:.1f} tok/s = {step / roof:.0%} of roofline")
+    if args.compile:
+        cstep = decode_step_rate(model, ids, n, True)
+        print(f"ember compiled decode step: {cstep:.1f} tok/s = {cstep / roof:.0%} of roofline")
+
+
+if __name__ == "__main__":
+    main()
