@@ -153,38 +153,45 @@ def format_step(step: int, total: int, rec: dict) -> str:
 
 
 class Progress:
-    """Rank-0 live progress: a tqdm bar on a terminal, else one plain line per log step (CI logs)."""
+    """Rank-0 progress. On a terminal: one live line rewritten every step, plus a kept line every log step.
+    Elsewhere (CI logs, files): only the kept line every log step."""
 
     def __init__(self, total: int, initial: int = 0):
         import sys
 
-        self.total = total
+        self.total, self.out = total, sys.stdout
         self.enabled = rank() == 0
-        self.bar = None
-        if self.enabled and sys.stdout.isatty():
-            from tqdm import tqdm
+        self.live = self.enabled and self.out.isatty()
+        self.last: dict = {}
+        self.t0, self.step0 = time.perf_counter(), initial
 
-            self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, unit="step", leave=True)
+    def _clear(self) -> None:
+        if self.live:
+            self.out.write("\r\x1b[K")
 
     def update(self, step: int, loss: float) -> None:
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
+        """Rewrite the live line (terminal only)."""
+        if not self.live:
+            return
+        rate = (step - self.step0) / max(time.perf_counter() - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else 0.0
+        pct = 100 * step / max(1, self.total)
+        extra = f" | {self.last['tokens_per_s']:,.0f} tok/s" if self.last else ""
+        self.out.write(f"\r\x1b[K[{pct:3.0f}%] step {step}/{self.total} | loss {loss:.4f}{extra} | ETA {_fmt_time(eta)}")
+        self.out.flush()
 
     def log_step(self, step: int, rec: dict) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {rec['loss']:.4f} lr {rec['lr']:.1e} {rec['tokens_per_s']:,.0f} tok/s "
-                                     f"MFU {100 * rec.get('mfu', 0):.1f}%", refresh=False)
-        else:
-            log(format_step(step, self.total, rec))
+        """The kept line of a log step."""
+        self.last = rec
+        if self.enabled:
+            self.write(format_step(step, self.total, rec))
 
     def write(self, msg: str) -> None:
-        if self.bar is not None:
-            self.bar.write(msg)
-        else:
+        if self.enabled:
+            self._clear()
             log(msg)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self._clear()
+        if self.live:
+            self.out.flush()
