@@ -110,3 +110,12 @@ def test_model_config_from_preset_overrides_and_data_vocab():
 def test_unigram_entropy():
     assert unigram_entropy(torch.tensor([5, 5, 5, 5, 0])) == pytest.approx(math.log(4))
     assert unigram_entropy(torch.tensor([7])) == pytest.approx(0.0)
+
+
+def test_small_yaml_is_the_default():
+    from pathlib import Path
+
+    from ember.config import load_yaml, to_dict
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / "small.yaml"
+    assert to_dict(load_yaml(path, Config)) == to_dict(Config())
