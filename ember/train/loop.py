@@ -141,9 +141,16 @@ def _next(loader: Any) -> Any:
 
 
 def _all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over all ranks, in place (gloo has no AVG)."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def _all_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over all ranks (TP/PP ranks of one replica hold equal values, so this is the dp mean)."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return _all_sum(t.detach().clone()) / world
 
 
 class NonFiniteLoss(EmberError):
@@ -238,21 +245,20 @@ class Trainer:
             tokens += n
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = self._clip()
-        # mean over micro-batches and dp ranks; the flag makes every rank take the same branch
-        stats = _all_sum(torch.stack([loss_sum / accum, grad_norm.float().to(self.device)]))
-        loss_val = stats[0].item() / max(1, (dist.get_world_size() if dist.is_initialized() else 1))
+        grad_norm = self._clip()  # the full norm, the same on every rank
+        loss_val = _all_mean(loss_sum / accum).item()  # mean over micro-batches and ranks: all ranks agree
         norm_val = grad_norm.item()
-        # with a grad scaler (fp16) inf gradients are routine: the scaler skips those steps itself
+        # with a grad scaler (fp16) inf gradients are routine: scaler.step skips those updates itself
         finite = math.isfinite(loss_val) and (self.scaler is not None or math.isfinite(norm_val))
         skipped = False
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skips by itself on inf/nan gradients (fp16)
-            self.scaler.update()
-        elif finite:
-            self.optimizer.step()
         if not finite:
-            skipped = self._on_nonfinite(loss_val, norm_val)
+            skipped = self._on_nonfinite(loss_val, norm_val)  # raises for on_nan="stop"
+        elif self.scaler is not None:
+            self.scaler.step(self.optimizer)
+        else:
+            self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # a skipped first step makes LambdaLR warn about the call order
             warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
