@@ -68,8 +68,8 @@ def test_not_a_checkpoint_is_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_fsdp2_two_process_resume_and_load_into_one(tmp_path):
-    """`ember pretrain --nproc-per-node 2` (FSDP2, gloo): stop + --resume == straight; the sharded checkpoint
-    loads into 1 process (export and load_train_state) with the 2-process final weights."""
+    """`ember pretrain --nproc-per-node 2` (FSDP2, gloo): resuming from step 4 gives the straight run's losses;
+    the sharded checkpoint loads into 1 process (export and load_train_state) with the 2-process final weights."""
     from ember.cli import main as cli
     from ember.data.bundled import ASSETS
     from ember.data.pipeline import PrepareConfig, prepare
@@ -88,9 +88,8 @@ def test_fsdp2_two_process_resume_and_load_into_one(tmp_path):
                 "--train.eval-every", "0", "--train.log-every", "1", "--train.save-every", "4",
                 "--samples.num", "0", "--device", "cpu", *extra]
 
-    assert cli(args(tmp_path / "a")) == 0
-    assert cli(args(tmp_path / "b", "--stop-at", "4")) == 0
-    assert cli(args(tmp_path / "b", "--resume")) == 0
+    assert cli(args(tmp_path / "a")) == 0  # 8 steps, checkpoints at 4 and 8
+    assert cli(args(tmp_path / "b", "--resume-from", str(tmp_path / "a" / "checkpoints" / "step_0000004"))) == 0
 
     def losses(run):
         recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
