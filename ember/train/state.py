@@ -231,7 +231,9 @@ def export_final(model: nn.Module, out_dir: str | Path, tokenizer_dir: Optional[
     if _rank() == 0:
         from ember.train.checkpoint import save_state_dict
 
-        cfg = getattr(model, "cfg", None)
+        from ember.parallel import unwrap
+
+        cfg = getattr(unwrap(model), "cfg", None)  # DDP / torch.compile wrappers hold it on the inner model
         if cfg is None:
             raise EmberError("export_final: the model has no .cfg (ModelConfig). HINT: pass an ember Transformer.")
         save_state_dict(sd, cfg, out_dir, tokenizer_dir=tokenizer_dir, extra=extra)
