@@ -155,9 +155,8 @@ def _relaunch(cfg: Config) -> int:
     """Run this same config under torchrun with nproc_per_node processes (the resolved config goes via YAML)."""
     from ember.config import save_yaml
 
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    launch = run_dir / "launch.yaml"
+    _prepare_run_dir(cfg, is_main=True)  # move an old run aside now: the ranks read launch.yaml from run_dir
+    launch = Path(cfg.run_dir) / "launch.yaml"
     save_yaml(dataclasses.replace(cfg, nproc_per_node=1), launch)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.nproc_per_node}",
            "-m", "ember", "pretrain", "--config", str(launch)]
