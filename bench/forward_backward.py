@@ -32,7 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 from bench.common import machine_line, median, time_interleaved  # noqa: E402
 from ember.models import Transformer  # noqa: E402
 from ember.models.hf import config_from_hf, state_dict_from_hf  # noqa: E402
-from ember.train.fused_loss import DEFAULT_CHUNK, model_loss  # noqa: E402
+from ember.train.fused_loss import model_loss  # noqa: E402
 from ember.train.loss import cross_entropy  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=50304)
     p.add_argument("--iters", type=int, default=5, help="timed rounds (each contender once per round)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="rows per chunk of the fused loss")
+    p.add_argument("--chunk", type=int, default=None, help="rows per chunk of the fused loss (default: by size)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the compiled contenders (first calls compile: minutes on 2 cores)")
     p.add_argument("--threads", type=int, default=None)

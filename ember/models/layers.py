@@ -80,10 +80,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor], mask: Optional[torch.Tensor],
                 is_causal: bool, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, _ = x.shape
+        q, k, v = self._project_qkv(x)  # (B, T, H*D), (B, T, K*D), (B, T, K*D)
         # view(B, T, -1, D): the head count is local under tensor parallelism
-        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         if self.rope:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if self.kv_cache is not None and input_pos is not None:
@@ -92,6 +93,26 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=q.shape[1] != k.shape[1])
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """wq(x), wk(x), wv(x); as ONE matmul over the concatenated weights when all three are plain.
+
+        One (C, H*D + 2*K*D) GEMM runs faster than three narrow ones on CPU (measured in
+        bench/forward_backward.py); the weight concatenation copies only 3*C*C floats. Swapped
+        modules (LoRA, quantized), hooked ones and DTensor (TP) weights take the three calls.
+        """
+        lins = (self.wq, self.wk, self.wv)
+        if not all(_plain_linear(m) for m in lins):
+            return self.wq(x), self.wk(x), self.wv(x)
+        w = torch.cat([m.weight for m in lins])  # (H*D + 2*K*D, C)
+        b = torch.cat([m.bias for m in lins]) if self.wq.bias is not None else None
+        return F.linear(x, w, b).split([m.out_features for m in lins], dim=-1)
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    """An nn.Linear (not a subclass) without hooks whose weight is a plain tensor (not a DTensor)."""
+    return (type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
+            and type(m.weight) in (nn.Parameter, torch.Tensor))
 
 
 # ------------------------------------------------------------------------------------------ MLPs

@@ -3,7 +3,7 @@
 With a 50k vocabulary the logits dominate a small model's memory traffic: B=8, T=256, V=50304 is
 412 MB of fp32 logits, then as much again for log-softmax, its gradient and the logits' gradient.
 On a CPU with ~22 GB/s that traffic (and the page faults of allocating it afresh each step) costs
-more than the attention. Here the rows are processed in chunks that fit in the last-level cache:
+more than the attention. Here the rows are processed in chunks, reusing one buffer:
 
     for each chunk of N_c rows:                         (N_c, C) hidden, (V, C) weight
         z  = h_c @ W^T                                   (N_c, V)  one reused buffer
@@ -28,9 +28,15 @@ import torch
 
 from ember.train.loss import IGNORE_INDEX, cross_entropy
 
-DEFAULT_CHUNK = 256
-"""Rows per chunk (256 x 50304 fp32 = 51 MB buffer). Smaller chunks re-read the (V, C) weight gradient
-more often; bench/forward_backward.py --chunk N measures it."""
+CHUNK_BYTES = 128 * 2 ** 20
+"""Default fp32 logits buffer per chunk: 128 MiB = 667 rows of a 50304 vocab. Measured on the 2-core
+CPU (B*T=2048, V=50304): 128-row chunks are ~1.8x slower than 512-2048 (each chunk re-reads and
+re-writes the (V, C) weight gradient); 512, 1024 and 2048 rows are equal within noise."""
+
+
+def default_chunk(vocab_size: int) -> int:
+    """Rows per chunk for a vocabulary: CHUNK_BYTES of fp32 logits, at least 1."""
+    return max(1, CHUNK_BYTES // (4 * vocab_size))
 
 
 class _FusedLinearCE(torch.autograd.Function):
@@ -58,11 +64,15 @@ class _FusedLinearCE(torch.autograd.Function):
                 z = torch.mm(h_c, weight.t(), out=buf[: e - s])  # (n, V)
             else:
                 z = torch.mm(h_c, weight.t()).float()
-            lse = torch.logsumexp(z, dim=1)  # (n,)
-            losses[s:e] = (lse - z.gather(1, t_c[:, None]).squeeze(1)) * valid[s:e]
-            # z <- softmax(z) * scale - onehot * scale: the gradient of the (mean) loss wrt z
-            z.sub_((lse - log_scale[s:e])[:, None]).exp_()
-            z.scatter_add_(1, t_c[:, None], -log_scale[s:e].exp()[:, None])
+            # in place, 2 reads + 3 read-writes of z (torch.logsumexp would allocate a temporary)
+            m = z.amax(dim=1, keepdim=True)  # (n, 1)
+            z_t = z.gather(1, t_c[:, None])  # (n, 1) target logits
+            sumexp = z.sub_(m).exp_().sum(dim=1, keepdim=True)  # (n, 1); z = exp(z - m)
+            losses[s:e] = (m + sumexp.log() - z_t).squeeze(1) * valid[s:e]  # logsumexp - z_t
+            # z <- (softmax(z) - onehot) * scale: the gradient of the (mean) loss wrt z
+            scale = log_scale[s:e].exp()[:, None]  # (n, 1)
+            z.mul_(scale / sumexp)
+            z.scatter_add_(1, t_c[:, None], -scale)
             zg = z if fp32 else z.to(h.dtype)
             if need_dh:
                 torch.mm(zg, weight, out=dh[s:e]) if fp32 else dh[s:e].copy_(zg @ weight)
@@ -82,12 +92,13 @@ class _FusedLinearCE(torch.autograd.Function):
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
-                               chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+                               chunk_size: Optional[int] = None) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T` against `targets`, computed in row chunks.
 
     hidden: (B, T, C) or (N, C); weight: (V, C) (e.g. `model.output.weight`);
     targets: (B, T) or (N,) int64, `ignore_index` positions do not count.
-    reduction: "mean" over counted tokens, or "sum". Returns a scalar fp32 tensor.
+    reduction: "mean" over counted tokens, or "sum". chunk_size: rows per chunk (None: default_chunk(V)).
+    Returns a scalar fp32 tensor.
     Differentiable wrt hidden and weight (gradients are computed in the forward pass, so call
     `.backward()` on the result once, as with any loss).
     """
@@ -97,6 +108,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     h = hidden.reshape(-1, C)
     if not h.is_contiguous():
         h = h.contiguous()
+    chunk_size = chunk_size or default_chunk(weight.shape[0])
     return _FusedLinearCE.apply(h, weight, targets.reshape(-1), ignore_index, reduction, chunk_size)
 
 
@@ -117,7 +129,7 @@ def can_fuse(model: torch.nn.Module) -> bool:
 
 
 def model_loss(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor,
-               ignore_index: int = IGNORE_INDEX, chunk_size: int = DEFAULT_CHUNK,
+               ignore_index: int = IGNORE_INDEX, chunk_size: Optional[int] = None,
                **forward_kwargs) -> torch.Tensor:
     """Mean next-token cross-entropy of an ember Transformer, without materialising its logits.
 
