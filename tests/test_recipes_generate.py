@@ -71,6 +71,12 @@ def test_python_api_samples_and_seed(ckpt):
     import ember
 
     assert ember.generate(str(ckpt / "ck"), "hello", **kw) == api.generate(str(ckpt / "ck"), "hello", **kw)
+    # a model object with a tokenizer path (or object) gives the same text
+    model, tok = api.load(ckpt / "ck")
+    assert api.generate(model, "hello", tokenizer=str(ckpt / "tok"), **kw) == api.generate(str(ckpt / "ck"), "hello", **kw)
+    assert api.generate(model, "hello", tokenizer=tok, **kw) == api.generate(str(ckpt / "ck"), "hello", **kw)
+    with pytest.raises(EmberError, match="tokenizer"):
+        api.generate(model, "hello")
 
 
 def test_stop_strings_cut_the_text(ckpt):

@@ -48,7 +48,7 @@ def load_tokenizer(checkpoint: Union[str, Path], meta: dict, tokenizer: Union[st
     from ember.tokenizer import Tokenizer
 
     if tokenizer is not None:
-        return tokenizer if hasattr(tokenizer, "encode") else Tokenizer.load(tokenizer)
+        return Tokenizer.load(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     ref = meta.get("tokenizer") or "tokenizer"
     path = Path(ref) if Path(ref).is_absolute() else Path(checkpoint) / ref
     if not path.exists():
