@@ -146,6 +146,18 @@ def check_fits(model: nn.Module, prompt_len: int, max_new_tokens: int) -> None:
             f"left-truncate with --truncate.")
 
 
+def _record(tokens: list[int], done: list[bool], stop_set: set[int],
+            stop_fn: Optional[Callable[[int, int], bool]]) -> list[Optional[int]]:
+    """This step's token per sample (None if it had finished before); marks samples that finish now."""
+    out: list[Optional[int]] = []
+    for b, tok in enumerate(tokens):
+        out.append(None if done[b] else tok)
+        if not done[b]:
+            stopped_by_fn = stop_fn is not None and stop_fn(b, tok)  # called for every new token
+            done[b] = tok in stop_set or stopped_by_fn
+    return out
+
+
 @torch.inference_mode()
 def generate_iter(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                   params: Optional[SamplingParams] = None, stop_ids: Sequence[int] = (),
@@ -186,13 +198,7 @@ def generate_iter(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_to
                 if vocab_limit is not None and vocab_limit < logits.shape[-1]:
                     logits[:, vocab_limit:] = float("-inf")
                 nxt = sample(logits, params, seen, generator)  # (B,)
-                out: list[Optional[int]] = []
-                for b, tok in enumerate(nxt.tolist()):
-                    out.append(None if done[b] else tok)
-                    if not done[b]:
-                        stopped_by_fn = stop_fn is not None and stop_fn(b, tok)  # called for every new token
-                        done[b] = tok in stop_set or stopped_by_fn
-                yield out
+                yield _record(nxt.tolist(), done, stop_set, stop_fn)
                 if all(done) or i == max_new_tokens - 1:
                     break
                 if seen is not None:
