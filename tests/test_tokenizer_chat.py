@@ -80,6 +80,17 @@ def test_jinja_template_matches_transformers(tok, tmp_path, gen):
     assert again.apply_chat_template(MESSAGES, add_generation_prompt=gen) == expected
 
 
+def test_template_saved_by_transformers(tok, tmp_path):
+    """transformers writes chat_template.jinja next to tokenizer_config.json; ember reads it."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(_hf_style_dir(tok, tmp_path, LLAMA3_STYLE)))
+    hf.save_pretrained(str(tmp_path / "resaved"))
+    ours = Tokenizer.load(tmp_path / "resaved")
+    expected = hf.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert ours.apply_chat_template(MESSAGES) == expected
+    assert ours.encode("hello there") == tok.encode("hello there")
+
+
 def test_jinja_errors_and_sandbox(tok, tmp_path):
     d = _hf_style_dir(tok, tmp_path, LLAMA3_STYLE)
     ours = Tokenizer.load(d)

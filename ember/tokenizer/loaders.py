@@ -55,6 +55,17 @@ def _token_name(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _pick_template(value) -> str | None:
+    """tokenizer_config.json's chat_template: a string, or a list of {"name", "template"} (use "default")."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        template = named.get("default")
+        return template if isinstance(template, str) else None
+    return None
+
+
 def _load_hf_dir(directory: Path, meta: dict | None, engine: str) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -70,12 +81,16 @@ def _load_hf_dir(directory: Path, meta: dict | None, engine: str) -> Tokenizer:
         for key in ("eos_token", "pad_token", "bos_token"):
             if key in cfg:
                 fields[key] = _token_name(cfg[key])
-        if isinstance(cfg.get("chat_template"), str):
-            fields["chat_template"] = cfg["chat_template"]
+        template = _pick_template(cfg.get("chat_template"))
+        if template is not None:
+            fields["chat_template"] = template
         if isinstance(cfg.get("model_max_length"), int) and cfg["model_max_length"] < 10**9:
             fields["model_max_length"] = cfg["model_max_length"]
         if cfg.get("add_bos_token") is False:
             fields["bos_token"] = None
+    jinja = directory / "chat_template.jinja"  # transformers >= 4.x saves the template on its own
+    if jinja.is_file():
+        fields["chat_template"] = jinja.read_text(encoding="utf-8")
     if meta is not None:  # ember's own metadata wins (its chat template is "chatml", rendered natively)
         fields.update(_user_meta(meta))
     backend = HFBackend(tok, fast=engine != "hf", pattern=fields.get("pattern"))
