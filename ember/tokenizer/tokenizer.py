@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ember.errors import EmberError
 from ember.fileio import atomic_dir
-from ember.tokenizer import chat, formats
+from ember.tokenizer import chat
 from ember.tokenizer.backends import AllowedSpecial, HFBackend, TiktokenBackend
 
 EMBER_META = "ember_tokenizer.json"
