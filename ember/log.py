@@ -6,9 +6,9 @@ import sys
 
 
 def rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    """This process's rank; 0 unless torch.distributed is imported and initialised (never imports torch)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist.get_rank() if dist is not None and dist.is_available() and dist.is_initialized() else 0
 
 
 def log(*parts: object, all_ranks: bool = False, file=None) -> None:
