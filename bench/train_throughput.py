@@ -9,8 +9,8 @@ tokens, a fixed cycle). Contenders, each a full optimizer step (fwd, bwd, clip 1
     hf              GPT2LMHeadModel, CE from logits, torch.optim.AdamW(model.parameters()) (default impl),
                     clip_grad_norm_: the plain loop a user writes
     hf_compiled     the same with torch.compile(model)
-    ember           ember.train.loop.Trainer.train_step, default loss (lm_loss: logits + cross_entropy)
-    ember_fused     Trainer.train_step with loss_fn=ember.train.fused_loss.fused_lm_loss
+    ember           ember.train.loop.Trainer.train_step, plain loss (--train.fused-loss false: logits + CE)
+    ember_fused     Trainer.train_step with TrainConfig.fused_loss=True (ember.train.fused_loss)
     ember_compiled  the same with blocks compiled in place (ember.parallel.apply_compile, --parallel.compile)
 
 MFU = flops_per_token (ModelConfig.flops_per_token: 6N incl. the head + attention) x tokens/s / peak,
@@ -33,7 +33,6 @@ import torch.nn.functional as F  # noqa: E402
 from bench.common import machine_line, measure_gemm_peak_flops, median, time_interleaved  # noqa: E402
 from bench.forward_backward import build_models  # noqa: E402
 from ember.parallel.parallelize import apply_compile  # noqa: E402
-from ember.train.fused_loss import fused_lm_loss  # noqa: E402
 from ember.train.loop import Trainer, TrainConfig  # noqa: E402
 from ember.train.optim import build_optimizer, build_scheduler  # noqa: E402
 
@@ -83,11 +82,11 @@ def hf_step_fn(hf, batches, lr: float, V: int):
     return step
 
 
-def ember_step_fn(model, batches, lr: float, loss_fn=None):
+def ember_step_fn(model, batches, lr: float, fused_loss: bool):
     cfg = TrainConfig(batch_size=batches[0][0].shape[0], lr=lr, warmup_steps=1, schedule="constant",
-                      grad_clip=1.0, eval_every=0, log_every=10 ** 9)
+                      grad_clip=1.0, eval_every=0, log_every=10 ** 9, fused_loss=fused_loss)
     opt = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
-    trainer = Trainer(model, opt, build_scheduler(opt, cfg), CycleLoader(batches), None, cfg, loss_fn=loss_fn)
+    trainer = Trainer(model, opt, build_scheduler(opt, cfg), CycleLoader(batches), None, cfg)
     return lambda: trainer.train_step()["loss"]
 
 
@@ -102,14 +101,14 @@ def main(argv=None) -> None:
                 torch.randint(0, a.vocab, (a.batch, a.block), generator=g)) for _ in range(4)]
     models = {"ember": model, "ember_fused": copy.deepcopy(model)}
     fns = {"hf": hf_step_fn(hf, batches, a.lr, a.vocab),
-           "ember": ember_step_fn(models["ember"], batches, a.lr),
-           "ember_fused": ember_step_fn(models["ember_fused"], batches, a.lr, fused_lm_loss)}
+           "ember": ember_step_fn(models["ember"], batches, a.lr, fused_loss=False),
+           "ember_fused": ember_step_fn(models["ember_fused"], batches, a.lr, fused_loss=True)}
     if a.compile:
         hf_c = copy.deepcopy(hf)
         fns["hf_compiled"] = hf_step_fn(torch.compile(hf_c), batches, a.lr, a.vocab)
         mc = models["ember_compiled"] = copy.deepcopy(model)
         apply_compile(mc)
-        fns["ember_compiled"] = ember_step_fn(mc, batches, a.lr, fused_lm_loss)
+        fns["ember_compiled"] = ember_step_fn(mc, batches, a.lr, fused_loss=True)
     for m in models.values():
         m.tie_weights()
 
