@@ -103,7 +103,7 @@ class Config:
     """Per-field changes to the preset (e.g. --model.n-layer 6)."""
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        max_steps=350, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=30, eval_every=100, eval_batches=8,
+        max_steps=450, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=30, eval_every=100, eval_batches=8,
         log_every=10, save_every=100, keep_last=2))
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     run_dir: str = "runs/pretrain"
@@ -311,7 +311,7 @@ def _finish(cfg: Config, dims, trainer, summary: dict, val: dict, data_dir: Path
              f"train loss {summary.get('train_loss') or float('nan'):.4f}",
              f"val loss {val.get('loss', float('nan')):.4f} (ppl {val.get('ppl', float('nan')):.1f})",
              f"unigram baseline {baseline:.4f} nats (a model that ignores context)",
-             f"throughput {summary.get('tokens_per_s', 0):,.0f} tok/s, MFU {100 * summary.get('mfu', 0):.1f}%"]
+             f"throughput {summary.get('tokens_per_s', 0):,.0f} tok/s (run average), MFU {100 * summary.get('mfu', 0):.1f}%"]
     log("done: " + "; ".join(lines))
     from ember.fileio import atomic_write_text
     import json

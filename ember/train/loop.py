@@ -340,7 +340,7 @@ class Trainer:
         max_steps); returns a summary (losses, last train loss, tokens/s, MFU, time)."""
         cfg = self.cfg
         end = min(cfg.max_steps, until) if until is not None else cfg.max_steps
-        start_step, t_start = self.step, time.perf_counter()
+        start_step, start_tokens, t_start = self.step, self.tokens_seen, time.perf_counter()
         progress = Progress(cfg.max_steps, initial=self.step)
         window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
         history: list[float] = []
@@ -370,8 +370,10 @@ class Trainer:
                 window_t = time.perf_counter()
         progress.close()
         elapsed = time.perf_counter() - t_start
+        avg = (self.tokens_seen - start_tokens) / max(elapsed, 1e-9)  # whole run, evals and saves included
         return {"steps": self.step - start_step, "train_loss": history[-1] if history else None,
-                "losses": history, "tokens_per_s": tok_s, "mfu": mfu, "elapsed_s": elapsed,
+                "losses": history, "tokens_per_s": avg, "mfu": self._mfu(avg), "last_tokens_per_s": tok_s,
+                "elapsed_s": elapsed,
                 "skipped": self.skipped, "tokens_seen": self.tokens_seen}
 
     def _eval_and_log(self, progress: Optional[Progress] = None) -> dict:
