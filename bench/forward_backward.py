@@ -127,6 +127,9 @@ def main(argv=None) -> None:
     print(f"ratio ember/HF (eager HF, sdpa): {tps[best] / tps['hf']:.2f}x  [{best}, the best supported ember config]")
     print(f"ratio ember_fused (eager)/HF eager: {tps['ember_fused'] / tps['hf']:.2f}x; "
           f"plain ember eager/HF eager: {tps['ember'] / tps['hf']:.2f}x")
+    paired = {k: median([h / t for h, t in zip(times["hf"], v)]) for k, v in times.items() if k != "hf"}
+    print("paired ratios vs hf (median over rounds of hf time / time, robust to load shifts between rounds): "
+          + ", ".join(f"{k} {r:.2f}x" for k, r in paired.items()))
     if "hf_compiled" in tps:
         print(f"ratio {best}/hf_compiled: {tps[best] / tps['hf_compiled']:.2f}x")
 

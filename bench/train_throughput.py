@@ -136,6 +136,9 @@ def main(argv=None) -> None:
     print(f"ratio ember/HF (plain eager loop): {tps[best] / tps['hf']:.2f}x  [{best}]; "
           f"ember_fused eager {tps['ember_fused'] / tps['hf']:.2f}x; ember default-loss eager "
           f"{tps['ember'] / tps['hf']:.2f}x")
+    paired = {k: median([h / t for h, t in zip(times["hf"], v)]) for k, v in times.items() if k != "hf"}
+    print("paired ratios vs hf (median over rounds of hf time / time, robust to load shifts between rounds): "
+          + ", ".join(f"{k} {r:.2f}x" for k, r in paired.items()))
     if "hf_compiled" in tps:
         print(f"ratio {best}/hf_compiled: {tps[best] / tps['hf_compiled']:.2f}x")
     print(f"ember MFU ({best}): {fpt * tps[best] / peak_run:.1%} of the GEMM peak measured in the same rounds")
