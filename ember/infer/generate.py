@@ -17,7 +17,6 @@ have. Everything here sees token ids only; text (tokenizer, stop strings) lives 
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -29,26 +28,14 @@ from ember.models.kv_cache import clear_caches, setup_caches
 
 
 # ------------------------------------------------------------------------------ one forward each
-@contextlib.contextmanager
-def _head_detached(model: nn.Module) -> Iterator[Optional[nn.Module]]:
-    """Temporarily set model.output = None, so forward returns normed hidden states (B, T, C)."""
-    head = model.output
-    model.output = None
-    try:
-        yield head
-    finally:
-        model.output = head
-
-
 def prefill(model: nn.Module, tokens: torch.Tensor, input_pos: torch.Tensor,
             positions: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Run the prompt (B, T) through the model, filling cache slots input_pos (T,); logits (B, V) of the last position.
 
     The output head (a large share of the FLOPs for a big vocab) is applied to the last position only.
     """
-    with _head_detached(model) as head:
-        h = model(tokens, input_pos=input_pos, positions=positions, attn_mask=attn_mask)  # (B, T, C)
-    return head(h[:, -1]) if head is not None else h[:, -1]  # (B, V)
+    h = model.hidden_states(tokens, input_pos=input_pos, positions=positions, attn_mask=attn_mask)  # (B, T, C)
+    return project(h[:, -1], model.output, None)  # (B, V)
 
 
 def decode_one(model: nn.Module, token: torch.Tensor, input_pos: torch.Tensor,
@@ -86,8 +73,8 @@ def project(h: torch.Tensor, head: Optional[nn.Module], head_t: Optional[torch.T
 def decode_step(model: nn.Module, head: Optional[nn.Module], head_t: Optional[torch.Tensor], token: torch.Tensor,
                 input_pos: torch.Tensor, positions: Optional[torch.Tensor],
                 attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """`decode_one` for a model whose output head is detached (model.output None): logits (B, V)."""
-    h = model(token, input_pos=input_pos, positions=positions, attn_mask=attn_mask)[:, -1]  # (B, C)
+    """`decode_one` with the head applied by `project` (optionally via its transposed copy): logits (B, V)."""
+    h = model.hidden_states(token, input_pos=input_pos, positions=positions, attn_mask=attn_mask)[:, -1]  # (B, C)
     return project(h, head, head_t)
 
 
@@ -170,8 +157,8 @@ def generate_iter(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_to
     A sample finishes after emitting a token in `stop_ids` (that token is yielded) or when
     `stop_fn(sample_index, token)` returns True; the loop ends when every sample has finished or
     after max_new_tokens steps. Ids >= `vocab_limit` (rows of a padded embedding that the tokenizer
-    does not know) are never sampled. The KV cache is set up here and removed at the end; while
-    the iterator runs, the model's output head is detached (see `transposed_head`, `fast_head`).
+    does not know) are never sampled. The KV cache is set up here and removed at the end; the model
+    runs through `hidden_states` and the head is applied here (see `transposed_head`, `fast_head`).
     """
     params = (params or SamplingParams()).validate()
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -189,22 +176,23 @@ def generate_iter(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_to
     step = compiled_decode_step() if compile else decode_step
     setup_caches(model, batch.B, batch.S)
     try:
-        with _head_detached(model) as head:  # the model returns hidden states; we apply the head
-            head_t = transposed_head(head, device) if fast_head else None
-            h = model(batch.tokens, input_pos=batch.slots[: batch.T], attn_mask=batch.prefill_mask,
-                      positions=batch.positions[:, : batch.T] if batch.padded else None)  # (B, T, C)
-            logits = project(h[:, -1], head, head_t)  # the head on the last position only
-            for i in range(max_new_tokens):
-                if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-                    logits[:, vocab_limit:] = float("-inf")
-                nxt = sample(logits, params, seen, generator)  # (B,)
-                yield _record(nxt.tolist(), done, stop_set, stop_fn)
-                if all(done) or i == max_new_tokens - 1:
-                    break
-                if seen is not None:
-                    update_seen(seen, nxt)
-                input_pos, positions = batch.step_args(batch.T + i)
-                logits = step(model, head, head_t, nxt.view(-1, 1), input_pos, positions, batch.decode_mask)
+        # hidden states from the model; the head is applied here, to the last position only
+        head = model.output
+        head_t = transposed_head(head, device) if fast_head else None
+        h = model.hidden_states(batch.tokens, input_pos=batch.slots[: batch.T], attn_mask=batch.prefill_mask,
+                                positions=batch.positions[:, : batch.T] if batch.padded else None)  # (B, T, C)
+        logits = project(h[:, -1], head, head_t)  # the head on the last position only
+        for i in range(max_new_tokens):
+            if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+                logits[:, vocab_limit:] = float("-inf")
+            nxt = sample(logits, params, seen, generator)  # (B,)
+            yield _record(nxt.tolist(), done, stop_set, stop_fn)
+            if all(done) or i == max_new_tokens - 1:
+                break
+            if seen is not None:
+                update_seen(seen, nxt)
+            input_pos, positions = batch.step_args(batch.T + i)
+            logits = step(model, head, head_t, nxt.view(-1, 1), input_pos, positions, batch.decode_mask)
     finally:
         clear_caches(model)
 

@@ -290,8 +290,9 @@ def _samples(cfg: Config, final_dir: Path) -> None:
     n_new = min(cfg.samples.max_new_tokens, model.cfg.block_size - max(len(i) for i in ids))
     params = SamplingParams(temperature=cfg.samples.temperature, top_k=cfg.samples.top_k)
     gen = torch.Generator().manual_seed(cfg.train.seed)
-    outs = generate(model, ids, n_new, params, generator=gen)
+    outs = generate(model, ids, n_new, params, stop_ids=[tok.eos_id], generator=gen, vocab_limit=tok.vocab_size)
     for prompt, out in zip(prompts, outs):
+        out = out[:-1] if out and out[-1] == tok.eos_id else out
         log(f"--- sample (prompt {prompt!r}) ---\n{prompt}{tok.decode(out)}")
 
 
