@@ -27,10 +27,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import machine_line, measure_memory_bandwidth, median, time_interleaved  # noqa: E402
-from ember.infer.generate import (Batch, _head_detached, compiled_decode_step, decode_step, generate,  # noqa: E402
+from ember.infer.generate import (Batch, compiled_decode_step, decode_step, generate,  # noqa: E402
                                   transposed_head)
 from ember.infer.sample import SamplingParams  # noqa: E402
-from ember.models import Transformer  # noqa: E402
+from ember.models import Transformer, from_state_dict  # noqa: E402
 from ember.models import hf as hfconv  # noqa: E402
 from ember.models.kv_cache import clear_caches, setup_caches  # noqa: E402
 
@@ -50,15 +50,7 @@ def build_hf(name: str):
 
 def to_ember(hf, model_type: str) -> Transformer:
     cfg = hfconv.config_from_hf(hf.config.to_dict())
-    sd = hfconv.state_dict_from_hf(hf.state_dict(), cfg, model_type)
-    if cfg.tie_embeddings:
-        sd["output.weight"] = sd["tok_embeddings.weight"]
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.load_state_dict(sd, strict=True, assign=True)
-    model.tie_weights()
-    model.reset_buffers(torch.device("cpu"))
-    return model.eval()
+    return from_state_dict(cfg, hfconv.state_dict_from_hf(hf.state_dict(), cfg, model_type))
 
 
 def bytes_per_token(model: Transformer, context: int) -> int:
@@ -92,10 +84,11 @@ def decode_step_rate(model, ids: torch.Tensor, n: int, compile: bool) -> tuple[f
     counts OpenMP spin-waiting), so with 1 thread it is the steadier number."""
     step = compiled_decode_step() if compile else decode_step
     batch = Batch(ids.tolist(), n, ids.device)
-    with torch.inference_mode(), _head_detached(model) as head:
+    with torch.inference_mode():
+        head = model.output
         head_t = transposed_head(head, ids.device)
         setup_caches(model, batch.B, batch.S)
-        h = model(batch.tokens, input_pos=batch.slots[: batch.T])[:, -1]
+        h = model.hidden_states(batch.tokens, input_pos=batch.slots[: batch.T])[:, -1]
         tok = (h @ head_t).argmax(-1, keepdim=True)
         for i in range(3):  # warm-up (and compile)
             step(model, head, head_t, tok, batch.slots[batch.T + i: batch.T + i + 1], None, None)

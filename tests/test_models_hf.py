@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from ember import cli  # noqa: E402
-from ember.models import ModelConfig, RopeScaling, Transformer, preset  # noqa: E402
+from ember.models import ModelConfig, RopeScaling, Transformer, from_state_dict, preset  # noqa: E402
 from ember.models import hf as hfconv  # noqa: E402
 from ember.train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
@@ -68,15 +68,7 @@ def _tokens(seed: int = 1) -> torch.Tensor:
 
 
 def _ember_from_sd(cfg: ModelConfig, sd: dict) -> Transformer:
-    sd = dict(sd)
-    if cfg.tie_embeddings:
-        sd["output.weight"] = sd["tok_embeddings.weight"]
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.load_state_dict(sd, strict=True, assign=True)
-    model.tie_weights()
-    model.reset_buffers(torch.device("cpu"))
-    return model.eval()
+    return from_state_dict(cfg, sd)
 
 
 # ------------------------------------------------------------------------------- HF -> ember

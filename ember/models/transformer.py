@@ -173,3 +173,19 @@ class Transformer(nn.Module):
             seen.add(id(p))
             total += p.numel()
         return total
+
+
+def from_state_dict(cfg: ModelConfig, state_dict: dict, device: str | torch.device = "cpu") -> Transformer:
+    """A Transformer that holds `state_dict`'s tensors (assigned, not copied), in eval mode.
+
+    Built on meta (no throw-away init); a tied head takes the embedding; RoPE buffers are computed on `device`.
+    """
+    sd = dict(state_dict)
+    if cfg.tie_embeddings:
+        sd.setdefault("output.weight", sd["tok_embeddings.weight"])
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.tie_weights()
+    model.reset_buffers(torch.device(device))
+    return model.eval()

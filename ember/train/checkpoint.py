@@ -27,7 +27,7 @@ import torch
 
 from ember.errors import EmberError
 from ember.fileio import atomic_dir
-from ember.models import ModelConfig, Transformer
+from ember.models import ModelConfig, Transformer, from_state_dict
 
 FORMAT = "ember-checkpoint"
 FORMAT_VERSION = 1
@@ -184,14 +184,7 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu",
     _check_tensors(tensors, cfg, where=str(d / WEIGHTS))
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    if cfg.tie_embeddings:
-        tensors["output.weight"] = tensors["tok_embeddings.weight"]
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.load_state_dict(tensors, strict=True, assign=True)
-    model.tie_weights()
-    model.reset_buffers(torch.device(device))
-    return model.eval(), meta
+    return from_state_dict(cfg, tensors, device), meta
 
 
 def _read_tensors(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
