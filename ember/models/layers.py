@@ -99,14 +99,20 @@ class Attention(nn.Module):
 
         One (C, H*D + 2*K*D) GEMM runs faster than three narrow ones on CPU (measured in
         bench/forward_backward.py); the weight concatenation copies only 3*C*C floats. Swapped
-        modules (LoRA, quantized), hooked ones and DTensor (TP) weights take the three calls.
+        modules (LoRA, quantized), hooked ones and DTensor (TP) weights take the three calls, and so
+        do small inputs (decoding): there the matmul is memory-bound and the copy would triple the
+        bytes read for q/k/v.
         """
         lins = (self.wq, self.wk, self.wv)
-        if not all(_plain_linear(m) for m in lins):
+        rows = x.numel() // x.shape[-1]
+        if rows < _FUSE_QKV_MIN_ROWS or not all(_plain_linear(m) for m in lins):
             return self.wq(x), self.wk(x), self.wv(x)
         w = torch.cat([m.weight for m in lins])  # (H*D + 2*K*D, C)
         b = torch.cat([m.bias for m in lins]) if self.wq.bias is not None else None
         return F.linear(x, w, b).split([m.out_features for m in lins], dim=-1)
+
+
+_FUSE_QKV_MIN_ROWS = 128  # B*T below this: three GEMVs read the weights once; the concatenation reads them twice more
 
 
 def _plain_linear(m: nn.Module) -> bool:
