@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import torch
 from ember.errors import EmberError
 from ember.log import log, warn
 from ember.models import ModelConfig, preset
-from ember.parallel import ParallelConfig
+from ember.parallel import ParallelConfig, launched_by_torchrun
 from ember.train.loop import TrainConfig
 
 
@@ -192,7 +191,7 @@ def _resume_path(cfg: Config) -> Optional[Path]:
 
 # ----------------------------------------------------------------------------------- main
 def main(cfg: Config) -> int:
-    if cfg.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+    if cfg.nproc_per_node > 1 and not launched_by_torchrun():
         return _relaunch(cfg)
     from ember.parallel import destroy_distributed, init_distributed
 
