@@ -17,6 +17,7 @@ have. Everything here sees token ids only; text (tokenizer, stop strings) lives 
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -53,14 +54,25 @@ def transposed_head(head: Optional[nn.Module], device: torch.device) -> Optional
 
     On CPU, fp32 GEMV with a large vocabulary is much faster as h @ W^T-stored-as-(C, V) than as
     F.linear(h, W) (measured for 50257 x 768, batch 1: 18.8 vs 28.9 ms on 1 thread, 13.8 vs 22.8 ms
-    on 2), and the head is about a third of GPT-2's weight bytes. The copy lives for one generate call.
+    on 2), and the head is about a third of GPT-2's weight bytes. Making the copy costs ~200 ms for
+    GPT-2 (a cache-unfriendly transpose), so it is kept for the next call (chat turns, batches) and
+    made again only when the weight changes (another tensor, or an in-place update: its version).
     """
     if head is None or getattr(head, "bias", None) is not None or device.type != "cpu":
         return None
     w = head.weight
     if w.numel() * w.element_size() > _HEAD_COPY_LIMIT:
         return None
-    return w.detach().t().contiguous()
+    key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
+    cached = _HEAD_COPIES.get(head)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    head_t = w.detach().t().contiguous()
+    _HEAD_COPIES[head] = (key, head_t)
+    return head_t
+
+
+_HEAD_COPIES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()  # head -> (key, copy)
 
 
 def project(h: torch.Tensor, head: Optional[nn.Module], head_t: Optional[torch.Tensor]) -> torch.Tensor:
