@@ -1,7 +1,6 @@
 """`ember pretrain` end to end on a tiny prepared dataset, plus `ember plot`, the config and the helpers."""
 
 import json
-import lzma
 import math
 
 import pytest
@@ -10,20 +9,6 @@ import torch
 from ember.cli import main as cli
 from ember.errors import EmberError
 from ember.recipes.pretrain import Config, build_model_config, pad_vocab, unigram_entropy
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """60 tiny-shakespeare documents through the real prepare pipeline, BPE vocab 512 (~3 s)."""
-    from ember.data.bundled import ASSETS
-    from ember.data.pipeline import PrepareConfig, prepare
-
-    root = tmp_path_factory.mktemp("data")
-    lines = lzma.open(ASSETS / "tinyshakespeare.jsonl.xz", "rt").read().splitlines()[:60]
-    (root / "in.jsonl").write_text("\n".join(lines) + "\n")
-    prepare(PrepareConfig(input=[str(root / "in.jsonl")], out=str(root / "data"), vocab_size=512, num_proc=1,
-                          progress=False))
-    return root / "data"
 
 
 def tiny_args(data_dir, run_dir, *extra):

@@ -160,22 +160,6 @@ def test_trainer_checkpoint_resume_exact(tmp_path):
 
 
 # ----------------------------------------------------------------------------- through `ember pretrain`
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """60 tiny-shakespeare documents through the real prepare pipeline, BPE vocab 512 (~3 s)."""
-    import lzma
-
-    from ember.data.bundled import ASSETS
-    from ember.data.pipeline import PrepareConfig, prepare
-
-    root = tmp_path_factory.mktemp("data")
-    lines = lzma.open(ASSETS / "tinyshakespeare.jsonl.xz", "rt").read().splitlines()[:60]
-    (root / "in.jsonl").write_text("\n".join(lines) + "\n")
-    prepare(PrepareConfig(input=[str(root / "in.jsonl")], out=str(root / "data"), vocab_size=512, num_proc=1,
-                          progress=False))
-    return root / "data"
-
-
 def _train_losses(run_dir: Path) -> dict[int, float]:
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in recs if r["split"] == "train"}
