@@ -30,14 +30,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.common import machine_line, median, time_interleaved  # noqa: E402
-from ember.models import Transformer  # noqa: E402
+from ember.models import from_state_dict  # noqa: E402
 from ember.models.hf import config_from_hf, state_dict_from_hf  # noqa: E402
 from ember.train.fused_loss import model_loss  # noqa: E402
 from ember.train.loss import cross_entropy  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The GPT-2-style shape and timing flags shared with bench/train_throughput.py."""
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--embd", type=int, default=384)
     p.add_argument("--heads", type=int, default=6)
@@ -46,10 +46,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=50304)
     p.add_argument("--iters", type=int, default=5, help="timed rounds (each contender once per round)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(p)
     p.add_argument("--chunk", type=int, default=None, help="rows per chunk of the fused loss (default: by size)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the compiled contenders (first calls compile: minutes on 2 cores)")
-    p.add_argument("--threads", type=int, default=None)
     return p.parse_args(argv)
 
 
@@ -63,10 +68,8 @@ def build_models(a: argparse.Namespace):
                       bos_token_id=0, eos_token_id=0)
     hf = GPT2LMHeadModel(hcfg).train()
     cfg = config_from_hf(hcfg.to_dict())
-    model = Transformer(cfg)
-    missing, unexpected = model.load_state_dict(state_dict_from_hf(hf.state_dict(), cfg, "gpt2"), strict=False)
-    assert set(missing) <= {"output.weight"} and not unexpected, (missing, unexpected)
-    model.tie_weights()
+    sd = {k: v.detach().clone() for k, v in state_dict_from_hf(hf.state_dict(), cfg, "gpt2").items()}
+    model = from_state_dict(cfg, sd)  # its own copy: from_state_dict assigns, and both models are trained
     assert model.output.weight is model.tok_embeddings.weight
     return hf, model.train()
 

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.common import machine_line, measure_gemm_peak_flops, median, time_interleaved  # noqa: E402
-from bench.forward_backward import build_models  # noqa: E402
+from bench.forward_backward import add_model_args, build_models  # noqa: E402
 from ember.parallel.parallelize import apply_compile  # noqa: E402
 from ember.train.loop import Trainer, TrainConfig  # noqa: E402
 from ember.train.optim import build_optimizer, build_scheduler  # noqa: E402
@@ -53,17 +53,9 @@ class CycleLoader:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--embd", type=int, default=384)
-    p.add_argument("--heads", type=int, default=6)
-    p.add_argument("--block", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=50304)
-    p.add_argument("--iters", type=int, default=5, help="timed rounds (each contender once per round)")
-    p.add_argument("--warmup", type=int, default=2)
+    add_model_args(p)
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--threads", type=int, default=None)
     return p.parse_args(argv)
 
 
