@@ -110,8 +110,20 @@ def init_distributed(device: str = "auto", timeout_s: int = 600) -> ParallelDims
 
 
 def destroy_distributed() -> None:
-    """Shut the process group down (no-op on a single process)."""
+    """Shut the process group down (no-op on a single process).
+
+    Every rank first meets the others at a barrier, so no peer still has a collective in flight when the
+    gloo pairs close: tearing a pair down under a peer's pending send aborted a rank in CI ("terminate
+    called without an active exception", SIGABRT at exit).
+    """
     if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        except Exception:  # a peer already failed; still release this rank's resources
+            pass
+        import gc
+
+        gc.collect()  # drop finished Work objects (and the tensors they hold) while the group is alive
         dist.destroy_process_group()
 
 
