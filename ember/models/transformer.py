@@ -23,6 +23,7 @@ from torch import nn
 
 from ember.models.config import ModelConfig
 from ember.models.layers import Block, make_norm, rope_cache
+from ember.models.packing import decode_linear
 
 
 def attention_mask(mode: str, T: int, S: int, device: torch.device, input_pos: Optional[torch.Tensor] = None,
@@ -121,7 +122,7 @@ class Transformer(nn.Module):
         """
         h = self.hidden_states(tokens, input_pos=input_pos, positions=positions, prefix_len=prefix_len,
                                attn_mask=attn_mask)
-        return self.output(h) if self.output is not None else h
+        return decode_linear(self.output, h) if self.output is not None else h
 
     def hidden_states(self, tokens: torch.Tensor, *, input_pos: Optional[torch.Tensor] = None,
                       positions: Optional[torch.Tensor] = None, prefix_len: Optional[torch.Tensor] = None,
