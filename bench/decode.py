@@ -27,12 +27,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import machine_line, measure_memory_bandwidth, median, time_interleaved  # noqa: E402
-from ember.infer.generate import Batch, compiled_decode_step, decode_step, generate  # noqa: E402
+from ember.infer.generate import PACK_MAX_BATCH, Batch, compiled_decode_step, decode_step, generate  # noqa: E402
 from ember.infer.sample import SamplingParams  # noqa: E402
 from ember.models import Transformer, from_state_dict  # noqa: E402
 from ember.models import hf as hfconv  # noqa: E402
 from ember.models.kv_cache import clear_caches, setup_caches  # noqa: E402
-from ember.models.packing import pack_for_decode  # noqa: E402
+from ember.models.packing import pack_for_decode, unpack  # noqa: E402
 
 
 def build_hf(name: str):
@@ -114,7 +114,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(machine_line(), f"| load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     hf, model_type = build_hf(args.model)
-    model = to_ember(hf, model_type)  # packed for decoding (by generate, and here up front)
+    model = to_ember(hf, model_type)  # generate packs it for batch <= PACK_MAX_BATCH (done here up front)
     plain = to_ember(hf, model_type)  # row-major weights as loaded: ember without models/packing
     pack_for_decode(model)
     n_params = model.num_params()
@@ -123,6 +123,10 @@ def main() -> None:
     n = args.new_tokens
     hf_rate1 = None
     for B in args.batch_sizes:
+        if B <= PACK_MAX_BATCH:  # generate switches layouts by batch size; switch outside the timed calls
+            pack_for_decode(model)
+        else:
+            unpack(model)
         ids = torch.randint(0, model.cfg.vocab_size, (B, args.prompt_len), generator=torch.Generator().manual_seed(B))
         same = ember_generate(model, ids, n) == hf_generate(hf, ids, n).tolist()
         fns = {"hf": lambda: hf_generate(hf, ids, n), "ember": lambda: ember_generate(model, ids, n),
@@ -138,6 +142,7 @@ def main() -> None:
             hf_rate1 = rate["hf"]
     # roofline at batch 1: bandwidth and decode steps measured in alternating rounds, so a busy
     # spell of this (shared, virtual) machine hits both; the median round is reported
+    pack_for_decode(model)
     nbytes = bytes_per_token(model, args.prompt_len + n // 2)
     ids = torch.randint(0, model.cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
     runs = [("eager", model, False), ("eager, unpacked", plain, False)]

@@ -100,3 +100,12 @@ def test_loading_weights_into_a_packed_model_updates_the_fused_path():
     assert fused_weight([attn.wq, attn.wk, attn.wv]) is None
     with torch.no_grad():
         torch.testing.assert_close(m(tokens), src(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_generate_packs_small_batches_and_unpacks_larger_ones(two_threads):
+    plain, m = _model("tiny-llama"), _model("tiny-llama")
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    assert generate(m, prompts[:1], 5, GREEDY) == generate(plain, prompts[:1], 5, GREEDY, pack=False)
+    assert is_packed(m)
+    assert generate(m, prompts, 5, GREEDY) == generate(plain, prompts, 5, GREEDY, pack=False)
+    assert not is_packed(m) and all(p.is_contiguous() for p in m.parameters())
