@@ -2,7 +2,7 @@
 
 At batch 1 a decode step is a chain of matrix-vector products, bound by how fast the weights stream
 from memory, and on CPU (MKL sgemv) the layout of each weight decides that speed. Measured on the
-2-core CI machine, fp32, batch 1 (script: bench/decode.py --layouts):
+2-core CI machine with F.linear, fp32, batch 1, 12 weights of each shape in turn so none stays cached:
 
     weight (out, in)         row-major (PyTorch's)     column-major ((in, out) storage)
     768 -> 3*768  (q|k|v)         0.51 ms  14 GB/s          0.40 ms  18 GB/s
@@ -24,6 +24,10 @@ the embedding becomes column-major too: a row lookup is then a strided gather (5
 of GPT-2, against seconds for the prefill itself). `unpack(model)` restores contiguous row-major
 weights (training is faster with them). Only plain `nn.Linear`s on CPU are touched; LoRA-wrapped,
 quantized, hooked or DTensor (sharded) weights are left alone.
+
+`split_linear` / `decode_linear` then run each of these few-row products as a bmm over slices of the
+weight, so every core streams its own part (see `split_linear`). `ember.infer.generate` packs for
+batches of at most 2 rows and unpacks for larger ones (where the column-major head is slower).
 """
 
 from __future__ import annotations
