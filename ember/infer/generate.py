@@ -162,7 +162,10 @@ def generate_iter(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_to
     done = [False] * batch.B
     step = compiled_decode_step() if compile else decode_step
     if pack and device.type == "cpu":  # in place; switching layouts costs ~0.3 s for GPT-2, so once per batch size
-        pack_for_decode(model) if batch.B <= PACK_MAX_BATCH else unpack(model)
+        if batch.B <= PACK_MAX_BATCH:
+            pack_for_decode(model)
+        else:
+            unpack(model)
     setup_caches(model, batch.B, batch.S)
     try:
         logits = prefill(model, batch.tokens, batch.slots[: batch.T],

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.models.config import ModelConfig, RopeScaling
-from ember.models.packing import decode_fused, decode_linear, fused_weight, plain_linear
+from ember.models.packing import decode_linear, packed_linear, plain_linear
 
 
 class RMSNorm(nn.RMSNorm):
@@ -128,10 +128,9 @@ class Attention(nn.Module):
         """
         lins = (self.wq, self.wk, self.wv)
         sizes = [m.out_features for m in lins]
-        if not torch.is_grad_enabled():
-            fused = fused_weight(lins)
-            if fused is not None:
-                return decode_fused(x, fused[0], fused[1]).split(sizes, dim=-1)
+        packed = packed_linear(lins, x)
+        if packed is not None:
+            return packed.split(sizes, dim=-1)
         rows = x.numel() // x.shape[-1]
         if rows < _FUSE_QKV_MIN_ROWS or not all(plain_linear(m) for m in lins):
             return decode_linear(self.wq, x), decode_linear(self.wk, x), decode_linear(self.wv, x)
@@ -166,11 +165,10 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled():  # packed for decoding (models/packing.py): one GEMV for gate|up
-            fused = fused_weight((self.w1, self.w3))
-            if fused is not None:
-                gate, up = decode_fused(x, fused[0], fused[1]).chunk(2, dim=-1)
-                return decode_linear(self.w2, F.silu(gate) * up)
+        packed = packed_linear((self.w1, self.w3), x)  # packed for decoding (models/packing.py): one GEMV
+        if packed is not None:
+            gate, up = packed.chunk(2, dim=-1)
+            return decode_linear(self.w2, F.silu(gate) * up)
         return decode_linear(self.w2, F.silu(decode_linear(self.w1, x)) * decode_linear(self.w3, x))
 
 

@@ -62,38 +62,47 @@ def _groups(model: nn.Module) -> list[list[nn.Linear]]:
     return out
 
 
+def _side_by_side(tensors: Sequence[torch.Tensor], widths: Sequence[int], compiling: bool) -> bool:
+    """Whether each tensor starts where the previous one's `width` columns end, in one storage."""
+    t0, col = tensors[0], 0
+    for t, width in zip(tensors, widths):
+        if t.storage_offset() != t0.storage_offset() + col:
+            return False
+        if not compiling and t.data_ptr() != t0.data_ptr() + col * t.element_size():  # data_ptr: untraceable
+            return False
+        col += width
+    return True
+
+
 def fused_weight(linears: Sequence[nn.Module]) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """The (N, C) weight and (N,) bias of the concatenated outputs of `linears` as views of their
     shared buffer, if `pack_for_decode` laid them out side by side (and nothing has moved them since:
     a `.to()`, a new Parameter or a swapped module makes this None). Costs a few microseconds."""
     if not all(plain_linear(m) for m in linears):
         return None
-    w0 = linears[0].weight
-    n = sum(m.out_features for m in linears)
-    if w0.stride() != (1, n) or w0.device.type != "cpu":
+    widths = [m.out_features for m in linears]
+    n, compiling = sum(widths), torch.compiler.is_compiling()
+    weights = [m.weight for m in linears]
+    w0 = weights[0]
+    if (w0.device.type != "cpu" or any(w.stride() != (1, n) for w in weights)
+            or not _side_by_side(weights, widths, compiling)):
         return None
-    compiling = torch.compiler.is_compiling()  # data_ptr() cannot be traced: check the layout only
-    base, off, col = w0.data_ptr() if not compiling else 0, w0.storage_offset(), 0
-    for m in linears:
-        w = m.weight
-        if w.stride() != (1, n) or w.storage_offset() != off + col:
-            return None
-        if not compiling and w.data_ptr() != base + col * w.element_size():
-            return None
-        col += m.out_features
     weight = torch.as_strided(w0, (n, w0.shape[1]), (1, n), w0.storage_offset())
-    if linears[0].bias is None:
+    biases = [m.bias for m in linears]
+    if biases[0] is None:
         return weight, None
-    b0 = linears[0].bias
-    col = 0
-    for m in linears:
-        b = m.bias
-        if b is None or b.storage_offset() != b0.storage_offset() + col:
-            return None
-        if not compiling and b.data_ptr() != b0.data_ptr() + col * b0.element_size():
-            return None
-        col += m.out_features
-    return weight, torch.as_strided(b0, (n,), (1,), b0.storage_offset())
+    if any(b is None for b in biases) or not _side_by_side(biases, widths, compiling):
+        return None
+    return weight, torch.as_strided(biases[0], (n,), (1,), biases[0].storage_offset())
+
+
+def packed_linear(linears: Sequence[nn.Module], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """x through the packed group `linears` as one product (outputs concatenated), or None when autograd
+    is on (the fused view would not route gradients to each weight) or the group is not packed."""
+    if torch.is_grad_enabled():
+        return None
+    fused = fused_weight(linears)
+    return None if fused is None else decode_fused(x, *fused)
 
 
 @torch.no_grad()
@@ -184,7 +193,7 @@ def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     lead = x.shape[:-1]
     x2 = x.reshape(-1, C)
     M = x2.shape[0]
-    if weight.stride() == (1, N):  # column-major: (C, N) storage, split its columns
+    if _is_column_major(weight):  # (C, N) storage: split its columns
         wt = weight.t()  # (C, N) contiguous
         slices = wt[:, : P * n].unflatten(1, (P, n)).permute(1, 0, 2)  # (P, C, n)
     else:  # row-major (or anything else): split rows; bmm copies what it cannot use as is
@@ -206,14 +215,13 @@ def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
 def decode_linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """m(x), through `split_linear` when that is faster: a plain Linear on CPU, autograd off, few rows."""
-    if (torch.is_grad_enabled() or x.device.type != "cpu" or x.numel() > SPLIT_MAX_ROWS * x.shape[-1]
-            or not plain_linear(m) or torch.compiler.is_compiling()):
+    if torch.is_grad_enabled() or x.device.type != "cpu" or not plain_linear(m):
         return m(x)
-    return split_linear(x, m.weight, m.bias)
+    return decode_fused(x, m.weight, m.bias)
 
 
 def decode_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """F.linear over a fused (packed) weight, split like `decode_linear` when x has few rows."""
+    """F.linear(x, weight, bias) on CPU, through `split_linear` when x has at most SPLIT_MAX_ROWS rows."""
     if x.numel() > SPLIT_MAX_ROWS * x.shape[-1] or torch.compiler.is_compiling():
         return F.linear(x, weight, bias)
     return split_linear(x, weight, bias)

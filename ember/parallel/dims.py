@@ -12,6 +12,7 @@ as extra mesh dimensions ("dp", "tp", "pp") without changing callers.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -121,8 +122,6 @@ def destroy_distributed() -> None:
             dist.barrier()
         except Exception:  # a peer already failed; still release this rank's resources
             pass
-        import gc
-
         gc.collect()  # drop finished Work objects (and the tensors they hold) while the group is alive
         dist.destroy_process_group()
 
