@@ -32,7 +32,7 @@ from ember.infer.sample import SamplingParams  # noqa: E402
 from ember.models import Transformer, from_state_dict  # noqa: E402
 from ember.models import hf as hfconv  # noqa: E402
 from ember.models.kv_cache import clear_caches, setup_caches  # noqa: E402
-from ember.models.packing import pack_for_decode, unpack  # noqa: E402
+from ember.models.packing import decode_fused, fused_views, fused_weight, pack_for_decode, unpack  # noqa: E402
 
 
 def build_hf(name: str):
@@ -84,7 +84,7 @@ def decode_step_rate(model, ids: torch.Tensor, n: int, compile: bool) -> tuple[f
     counts OpenMP spin-waiting), so with 1 thread it is the steadier number."""
     step = compiled_decode_step() if compile else decode_step
     batch = Batch(ids.tolist(), n, ids.device)
-    with torch.inference_mode():
+    with torch.inference_mode(), fused_views(model):  # as generate runs it
         setup_caches(model, batch.B, batch.S)
         h = model.hidden_states(batch.tokens, input_pos=batch.slots[: batch.T])[:, -1]
         tok = model.output(h).argmax(-1, keepdim=True)
@@ -97,6 +97,37 @@ def decode_step_rate(model, ids: torch.Tensor, n: int, compile: bool) -> tuple[f
         dt, dc = time.perf_counter() - t0, (time.process_time() - c0) / torch.get_num_threads()
         clear_caches(model)
     return (n - 3) / dt, (n - 3) / dc
+
+
+def weight_products(model: Transformer) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(weight, bias) of every product a packed batch-1 decode step runs, in order (fused groups as one)."""
+    out = []
+    for layer in model.layers.values():
+        att, ffn = layer.attention, layer.feed_forward
+        out.append(fused_weight([att.wq, att.wk, att.wv]) or (att.wq.weight, att.wq.bias))
+        out.append((att.wo.weight, att.wo.bias))
+        if hasattr(ffn, "w3"):
+            out.append(fused_weight([ffn.w1, ffn.w3]) or (ffn.w1.weight, ffn.w1.bias))
+        else:
+            out.append((ffn.w1.weight, ffn.w1.bias))
+        out.append((ffn.w2.weight, ffn.w2.bias))
+    out.append((model.output.weight, None))
+    return out
+
+
+def product_chain_rate(model: Transformer, steps: int) -> float:
+    """Steps per second of the weight products ALONE (the same split GEMVs, no attention, norms or
+    Python around them): the ceiling of any decode step built on these kernels."""
+    prods = weight_products(model)
+    xs = {w.shape[1]: torch.randn(1, 1, w.shape[1]) for w, _ in prods}
+    with torch.inference_mode():
+        for w, b in prods:
+            decode_fused(xs[w.shape[1]], w, b)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            for w, b in prods:
+                decode_fused(xs[w.shape[1]], w, b)
+    return steps / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -146,6 +177,7 @@ def main() -> None:
     nbytes = bytes_per_token(model, args.prompt_len + n // 2)
     ids = torch.randint(0, model.cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
     runs = [("eager", model, False), ("eager, unpacked", plain, False)]
+    chain = []
     runs += [("compiled", model, True)] if args.compile else []
     rows: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _, _ in runs}
     for _ in range(args.rounds):
@@ -153,6 +185,7 @@ def main() -> None:
             bw = measure_memory_bandwidth(iters=3)["read"]
             wall, cpu = decode_step_rate(m, ids, n, comp)
             rows[name].append((wall / (bw / nbytes), wall, bw))
+        chain.append(product_chain_rate(model, n))
     print(f"roofline: {nbytes / 1e6:.1f} MB read per token (fp32 weights once, the tied head once, the KV cache); "
           f"bandwidth = a {torch.get_num_threads()}-thread sum over 256 MiB, measured before each of "
           f"{args.rounds} rounds")
@@ -160,6 +193,11 @@ def main() -> None:
         frac, wall, bw = sorted(vals)[len(vals) // 2]
         print(f"ember batch-1 decode step ({name}): median round {wall:.1f} tok/s at {bw / 1e9:.1f} GB/s "
               f"-> {frac:.0%} of roofline (rounds: {', '.join(f'{v[0]:.0%}' for v in vals)})")
+    chain_rate = sorted(chain)[len(chain) // 2]
+    line = f"weight products alone (same split GEMVs, nothing else): median round {chain_rate:.1f} steps/s"
+    if hf_rate1 is not None:
+        line += f" = {chain_rate / hf_rate1:.2f}x HF's end-to-end batch-1 rate (the ceiling for ember's ratio)"
+    print(line)
     if hf_rate1 is not None:
         bws = sorted(v[2] for vals in rows.values() for v in vals)
         need = 2 * hf_rate1 * nbytes

@@ -1,5 +1,7 @@
 """ember.infer.generate / text: cached == uncached, batched == one-by-one, stops, parity with transformers."""
 
+import os
+
 import pytest
 import torch
 
@@ -204,3 +206,17 @@ def test_greedy_matches_transformers_generate(kind, tmp_path):
                           eos_token_id=eos, pad_token_id=eos)[:, T:].tolist()
     for out, r in zip(ours, ref):
         assert out == r[: len(out)] and all(t == eos for t in r[len(out):])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("EMBER_TEST_COMPILE"),
+                    reason="compiling takes minutes on 2 CPU cores; set EMBER_TEST_COMPILE=1")
+@pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
+def test_compiled_decode_step_generates_the_same_tokens(name):
+    """The compiled step attends over all cache slots (static shapes); eager over the filled ones."""
+    model = Transformer(preset(name))
+    model.init_weights(0)
+    model.eval()
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]
+    want = generate(model, prompts, 8, SamplingParams(temperature=0))
+    assert generate(model, prompts, 8, SamplingParams(temperature=0), compile=True) == want

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from ember.infer.generate import generate
 from ember.infer.sample import SamplingParams
 from ember.models import Transformer, preset
-from ember.models.packing import fused_weight, is_packed, pack_for_decode, split_linear, unpack
+from ember.models.packing import fused_views, fused_weight, is_packed, pack_for_decode, split_linear, unpack
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -109,3 +109,21 @@ def test_generate_packs_small_batches_and_unpacks_larger_ones(two_threads):
     assert is_packed(m)
     assert generate(m, prompts, 5, GREEDY) == generate(plain, prompts, 5, GREEDY, pack=False)
     assert not is_packed(m) and all(p.is_contiguous() for p in m.parameters())
+
+
+def test_fused_views_hold_the_group_views_only_inside_the_block(two_threads):
+    m = _model("tiny-llama")
+    attn, ffn = m.layers["0"].attention, m.layers["0"].feed_forward
+    with fused_views(m) as n:
+        assert n == 0 and attn.fused is None  # not packed: nothing to hold
+    pack_for_decode(m)
+    tokens = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = m(tokens[:, -1:])
+        with fused_views(m) as n:
+            assert n == 2 * m.cfg.n_layer
+            weight, _ = attn.fused
+            assert weight.shape == (attn.wq.out_features + 2 * attn.wk.out_features, m.cfg.n_embd)
+            assert weight.data_ptr() == attn.wq.weight.data_ptr() and ffn.fused is not None
+            torch.testing.assert_close(m(tokens[:, -1:]), ref, rtol=1e-5, atol=1e-5)
+    assert "fused" not in vars(attn) and attn.fused is None and ffn.fused is None  # dropped on exit

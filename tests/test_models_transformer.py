@@ -256,6 +256,36 @@ def test_kv_cache_matches_uncached(base, over):
         assert torch.allclose(model(x), ref, atol=TOL)
 
 
+@pytest.mark.parametrize("base", ["tiny", "tiny-llama"])
+def test_eager_decode_over_filled_slots_matches_static_cache_length(base, monkeypatch):
+    """Eager steps attend over the filled cache slots only; compiled ones over all slots with a mask.
+    Both give the same logits, with and without a left-padding mask."""
+    cfg = preset(base)
+    model = build(cfg)
+    B, T, P, S = 2, 9, 4, 16
+    x = tokens(cfg, B=B, T=T)
+    pad = torch.ones(B, 1, T, S, dtype=torch.bool)
+    pad[1, :, :, 0] = False  # sample 1 has a pad in slot 0
+
+    def run(attn_mask):
+        setup_caches(model, batch_size=B, max_seq_len=S)
+        outs = [model(x[:, :P], input_pos=torch.arange(P),
+                      attn_mask=None if attn_mask is None else attn_mask[:, :, :P])]
+        for t in range(P, T):
+            outs.append(model(x[:, t:t + 1], input_pos=torch.tensor([t]),
+                              attn_mask=None if attn_mask is None else attn_mask[:, :, t:t + 1]))
+        clear_caches(model)
+        return torch.cat(outs, dim=1)
+
+    with torch.no_grad():
+        eager = [run(None), run(pad)]
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the static-shape path
+        static = [run(None), run(pad)]
+    for e, s in zip(eager, static):
+        torch.testing.assert_close(e, s, rtol=1e-5, atol=TOL)
+    assert not torch.allclose(eager[0][1], eager[1][1], atol=TOL)  # the pad mask did change sample 1
+
+
 def test_kv_cache_prefix_lm_matches_uncached():
     cfg = preset("tiny-llama", mask="prefix")
     model = build(cfg)

@@ -1,8 +1,8 @@
 """The inference ladder over token ids: `prefill` -> `decode_one` -> `generate_iter` -> `generate`.
 
 A static, preallocated KV cache (models/kv_cache.setup_caches) holds prompt + new tokens, so every
-decode step has the same shapes (compile-friendly). Prompts of different lengths are LEFT-padded
-into one batch:
+compiled decode step has the same shapes (eager steps attend over the filled slots only). Prompts of
+different lengths are LEFT-padded into one batch:
 
     slot:      0    1    2    3    4  | 5 ...          (P = pad, t = prompt token, n = new token)
     sample 0:  P    P    t    t    t  | n n n
@@ -17,6 +17,7 @@ have. Everything here sees token ids only; text (tokenizer, stop strings) lives 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 from ember.errors import EmberError
 from ember.infer.sample import SamplingParams, sample, seen_mask, update_seen
 from ember.models.kv_cache import clear_caches, setup_caches
-from ember.models.packing import decode_linear, pack_for_decode, unpack
+from ember.models.packing import decode_linear, fused_views, pack_for_decode, unpack
 
 
 # ------------------------------------------------------------------------------ one forward each
@@ -168,19 +169,21 @@ def generate_iter(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_to
             unpack(model)
     setup_caches(model, batch.B, batch.S)
     try:
-        logits = prefill(model, batch.tokens, batch.slots[: batch.T],
-                         batch.positions[:, : batch.T] if batch.padded else None, batch.prefill_mask)
-        for i in range(max_new_tokens):
-            if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-                logits[:, vocab_limit:] = float("-inf")
-            nxt = sample(logits, params, seen, generator)  # (B,)
-            yield _record(nxt.tolist(), done, stop_set, stop_fn)
-            if all(done) or i == max_new_tokens - 1:
-                break
-            if seen is not None:
-                update_seen(seen, nxt)
-            input_pos, positions = batch.step_args(batch.T + i)
-            logits = step(model, nxt.view(-1, 1), input_pos, positions, batch.decode_mask)
+        # packed groups' views looked up once for the whole generation (compiled steps trace the lookup)
+        with fused_views(model) if not compile else contextlib.nullcontext():
+            logits = prefill(model, batch.tokens, batch.slots[: batch.T],
+                             batch.positions[:, : batch.T] if batch.padded else None, batch.prefill_mask)
+            for i in range(max_new_tokens):
+                if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+                    logits[:, vocab_limit:] = float("-inf")
+                nxt = sample(logits, params, seen, generator)  # (B,)
+                yield _record(nxt.tolist(), done, stop_set, stop_fn)
+                if all(done) or i == max_new_tokens - 1:
+                    break
+                if seen is not None:
+                    update_seen(seen, nxt)
+                input_pos, positions = batch.step_args(batch.T + i)
+                logits = step(model, nxt.view(-1, 1), input_pos, positions, batch.decode_mask)
     finally:
         clear_caches(model)
 

@@ -1,8 +1,9 @@
 """A static, preallocated KV cache (compile-friendly: fixed shapes, in-place index_copy_).
 
 One `KVCache` per attention layer holds k, v of shape (B, K, S_max, D). `setup_caches` attaches them
-to a model; the model's forward then writes new keys/values at `input_pos` and attends over all S_max
-slots with a mask that hides slots after each query (see models/transformer.attention_mask).
+to a model; the model's forward then writes new keys/values at `input_pos`. Compiled, it attends over
+all S_max slots with a mask that hides slots after each query (see models/transformer.attention_mask);
+eager, over the filled slots only (up to the last one written: the rest are empty and invisible).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ class KVCache(nn.Module):
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, K, T, D) at slots input_pos (T,); return the whole cache (B, K, S_max, D)."""
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        if k.dtype != self.k.dtype:
+            k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
         return self.k, self.v
 
 

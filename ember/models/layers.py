@@ -30,8 +30,11 @@ class RMSNorm(nn.RMSNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eps = self.eps if self.eps is not None else torch.finfo(torch.float32).eps
+        if x.dtype == torch.float32:  # the same arithmetic without two no-op casts (a decode step has 2 per layer)
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         return self.weight * xf.to(x.dtype)
 
 
@@ -62,6 +65,7 @@ def rope_cache(cfg: ModelConfig, device: Optional[torch.device] = None) -> torch
     """(block_size, 2 D) table: [cos | cos] in the first D columns, [-sin | sin] in the last D.
 
     Laid out so that `apply_rope` is two multiplies, a roll and an add (no split, no concatenation).
+    The model indexes it by position and adds a head axis once per forward: (T, 1, 2D) or (B, T, 1, 2D).
     """
     inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device)
     t = torch.arange(cfg.block_size, dtype=torch.float32, device=device)
@@ -71,14 +75,15 @@ def rope_cache(cfg: ModelConfig, device: Optional[torch.device] = None) -> torch
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, h, T, D) by rope (T, 2D) or (B, T, 2D); HF "rotate_half" layout (pairs i, i + D/2).
+    """Rotate x (B, T, h, D) by rope (T, 1, 2D) or (B, T, 1, 2D); HF "rotate_half" layout (pairs i, i + D/2).
 
     With x = [x1 | x2]: [x1 cos - x2 sin | x2 cos + x1 sin] = x * [cos | cos] + roll(x, D/2) * [-sin | sin],
-    bit for bit (a product with a negated factor is the negated product).
+    bit for bit (a product with a negated factor is the negated product). Heads sit after T so that q
+    and k, adjacent in one projection output, rotate in one call (see Attention._heads).
     """
-    cos, sin = rope.chunk(2, dim=-1)  # (..., T, D) each
-    if rope.dim() == 3:  # per-sample positions: (B, T, D) -> (B, 1, T, D)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    cos, sin = rope.chunk(2, dim=-1)  # (..., T, 1, D) each
+    if x.dtype == torch.float32:  # skip two no-op casts
+        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
     xf = x.float()
     out = xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin
     return out.type_as(x)
@@ -87,6 +92,8 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------- attention
 class Attention(nn.Module):
     """Multi-head attention with MHA/GQA/MQA, optional RoPE, optional KV cache, via SDPA."""
+
+    fused = None  # the packed q|k|v views while models.packing.fused_views is active
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -100,24 +107,43 @@ class Attention(nn.Module):
         self.kv_cache: Optional[nn.Module] = None  # set by models.kv_cache.setup_caches
 
     def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-                is_causal: bool, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+                is_causal: bool, input_pos: Optional[torch.Tensor] = None, kv_len: Optional[int] = None) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). With a KV cache, k/v are written at slots `input_pos` and the
+        queries attend over the first `kv_len` slots (all of them when None: static shapes for compile)."""
         B, T, _ = x.shape
-        q, k, v = self._project_qkv(x)  # (B, T, H*D), (B, T, K*D), (B, T, K*D)
-        # view(B, T, -1, D): the head count is local under tensor parallelism
-        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        if self.rope:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = self._heads(x, rope)  # (B, H, T, D), (B, K, T, D), (B, K, T, D)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, K, S, D)
+            if kv_len is not None and kv_len < k.shape[2]:
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=q.shape[1] != k.shape[1])
         return decode_linear(self.wo, y.transpose(1, 2).reshape(B, T, -1))
 
-    def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """wq(x), wk(x), wv(x); as ONE matmul over the concatenated weights where that is cheaper.
+    def _heads(self, x: torch.Tensor, rope: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, H, T, D), k and v (B, K, T, D), RoPE applied; q and k rotate in one call when one
+        projection produced them side by side."""
+        B, T, _ = x.shape
+        D = self.head_dim
+        qkv = self._project_qkv(x)
+        if isinstance(qkv, torch.Tensor):  # (B, T, H*D + 2*K*D); view(B, T, -1, D): head counts are local under TP
+            nq, nk = self.wq.out_features, self.wk.out_features
+            v = qkv[..., nq + nk:].view(B, T, -1, D)
+            qk = qkv[..., : nq + nk].view(B, T, -1, D)  # (B, T, H + K, D)
+            if self.rope:
+                qk = apply_rope(qk, rope)
+            H = nq // D
+            q, k = qk[:, :, :H], qk[:, :, H:]
+        else:
+            q, k, v = (t.view(B, T, -1, D) for t in qkv)
+            if self.rope:
+                q, k = apply_rope(q, rope), apply_rope(k, rope)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _project_qkv(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[wq(x) | wk(x) | wv(x)] as ONE matmul over the concatenated weights where that is cheaper
+        (one (B, T, H*D + 2*K*D) tensor), else the three outputs.
 
         Packed for decoding (models/packing.py) and with autograd off: one GEMV over the shared
         buffer, no copy. Otherwise, for large inputs (training, prefill): one (C, H*D + 2*K*D) GEMM
@@ -127,16 +153,15 @@ class Attention(nn.Module):
         ones and DTensor (TP) weights.
         """
         lins = (self.wq, self.wk, self.wv)
-        sizes = [m.out_features for m in lins]
-        packed = packed_linear(lins, x)
+        packed = packed_linear(lins, x, self.fused)
         if packed is not None:
-            return packed.split(sizes, dim=-1)
+            return packed
         rows = x.numel() // x.shape[-1]
         if rows < _FUSE_QKV_MIN_ROWS or not all(plain_linear(m) for m in lins):
             return decode_linear(self.wq, x), decode_linear(self.wk, x), decode_linear(self.wv, x)
         w = torch.cat([m.weight for m in lins])  # (H*D + 2*K*D, C)
         b = torch.cat([m.bias for m in lins]) if self.wq.bias is not None else None
-        return F.linear(x, w, b).split(sizes, dim=-1)
+        return F.linear(x, w, b)
 
 
 _FUSE_QKV_MIN_ROWS = 128  # B*T below this: three GEMVs read the weights once; the concatenation reads them twice more
@@ -158,6 +183,8 @@ class GeluMLP(nn.Module):
 class SwiGLU(nn.Module):
     """Llama MLP: w2(silu(w1 x) * w3 x)  (w1 = gate, w3 = up, w2 = down)."""
 
+    fused = None  # the packed gate|up views while models.packing.fused_views is active
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.w1 = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=cfg.bias)
@@ -165,10 +192,10 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = packed_linear((self.w1, self.w3), x)  # packed for decoding (models/packing.py): one GEMV
+        packed = packed_linear((self.w1, self.w3), x, self.fused)  # packed for decoding (models/packing.py): one GEMV
         if packed is not None:
             gate, up = packed.chunk(2, dim=-1)
-            return decode_linear(self.w2, F.silu(gate) * up)
+            return decode_linear(self.w2, F.silu(gate, inplace=True).mul_(up))  # packed is ours: in place
         return decode_linear(self.w2, F.silu(decode_linear(self.w1, x)) * decode_linear(self.w3, x))
 
 
@@ -185,6 +212,9 @@ class Block(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-                is_causal: bool, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.resid_dropout(self.attention(self.attention_norm(x), rope, mask, is_causal, input_pos))
-        return x + self.resid_dropout(self.feed_forward(self.ffn_norm(x)))
+                is_causal: bool, input_pos: Optional[torch.Tensor] = None, kv_len: Optional[int] = None) -> torch.Tensor:
+        x = x + self._drop(self.attention(self.attention_norm(x), rope, mask, is_causal, input_pos, kv_len))
+        return x + self._drop(self.feed_forward(self.ffn_norm(x)))
+
+    def _drop(self, y: torch.Tensor) -> torch.Tensor:
+        return self.resid_dropout(y) if self.training else y  # eval: skip the no-op call (~7 us, twice a layer)

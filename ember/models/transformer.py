@@ -140,20 +140,29 @@ class Transformer(nn.Module):
         if self.pos_embeddings is not None:
             h = h + self.pos_embeddings(positions)
         h = self.drop(h)
-        rope = self.rope[positions] if self.rope is not None else None
-        S = self._key_len(T, input_pos)
-        mask, is_causal = attention_mask(self.cfg.mask, T, S, h.device, input_pos, prefix_len)
+        rope = self.rope[positions].unsqueeze(-2) if self.rope is not None else None  # (T, 1, 2D) or (B, T, 1, 2D)
+        S, kv_len = self._key_len(T, input_pos), None
+        if S > T and self.cfg.mask != "prefix" and not torch.compiler.is_compiling():
+            # eager decoding: slots after the last one written are empty and invisible to every query,
+            # so attend over the filled ones only (compiled steps keep the static length)
+            S = kv_len = min(S, int(input_pos.max()) + 1)
+        if kv_len is not None and T == 1 and attn_mask is None:
+            mask, is_causal = None, False  # one query at the last filled slot sees every filled slot
+        else:
+            mask, is_causal = attention_mask(self.cfg.mask, T, S, h.device, input_pos, prefix_len)
         if attn_mask is not None:
+            attn_mask = attn_mask[..., :S]
             if mask is None and is_causal:  # the extra mask replaces is_causal: spell causality out
                 mask = torch.ones(T, S, dtype=torch.bool, device=h.device).tril().view(1, 1, T, S)
             mask, is_causal = (attn_mask if mask is None else mask & attn_mask), False
         for layer in self.layers.values():
-            h = layer(h, rope, mask, is_causal, input_pos)
+            h = layer(h, rope, mask, is_causal, input_pos, kv_len)
         if self.norm is not None:
             h = self.norm(h)
         return h
 
     def _key_len(self, T: int, input_pos: Optional[torch.Tensor]) -> int:
+        """Keys each query can see: T without a cache, else the cache length (its static shape)."""
         if input_pos is None:
             return T
         for layer in self.layers.values():
