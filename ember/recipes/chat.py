@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
 import tyro
@@ -25,6 +25,7 @@ from ember.infer.generate import generate_iter
 from ember.infer.sample import SamplingParams
 from ember.infer.text import TextStream
 from ember.log import log
+from ember.recipes.sampling import SamplingFlags
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 NEW_TURN = ("<|im_start|>", "<|start_header_id|>")  # the model starting a new turn also ends its reply
@@ -32,35 +33,19 @@ HELP = "commands: /exit, /reset, /system TEXT  (Ctrl-C stops a reply, Ctrl-D exi
 
 
 @dataclass
-class Config:
+class Config(SamplingFlags):
     """Chat with a checkpoint interactively (the tokenizer's chat template, streamed replies)."""
 
-    checkpoint: str = ""
-    """Checkpoint directory (ember.json + model.safetensors [+ tokenizer/])."""
-    system: Optional[str] = None
-    """System prompt for the conversation (change it with /system TEXT)."""
     max_new_tokens: int = 256
     """Longest reply, in tokens."""
     temperature: float = 0.7
     """Softmax temperature; 0 = greedy."""
-    top_k: Optional[int] = 50
-    """Sample among the k most likely tokens only (0 or None = off)."""
     top_p: float = 0.9
     """Nucleus sampling mass (1 = off)."""
-    min_p: float = 0.0
-    """Drop tokens below min_p x the top probability (0 = off)."""
-    repetition_penalty: float = 1.0
-    """Penalise already-seen tokens (HF semantics; 1 = off)."""
     stop: tyro.conf.UseAppendAction[list[str]] = field(default_factory=list)
     """Extra stop strings (repeat the flag); end-of-turn tokens always stop a reply."""
-    seed: int = 1234
-    """Random seed."""
-    tokenizer: Optional[str] = None
-    """Tokenizer directory/file; default the checkpoint's own tokenizer/ copy."""
-    device: str = "cpu"
-    """Device to run on."""
-    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
-    """Weights dtype; default the checkpoint's."""
+    system: Optional[str] = None
+    """System prompt for the conversation (change it with /system TEXT)."""
 
 
 # --------------------------------------------------------------------------------- conversation
@@ -121,10 +106,8 @@ def _write(text: str) -> None:
 
 
 def main(cfg: Config) -> int:
-    if not cfg.checkpoint:
-        raise EmberError("ember chat: --checkpoint DIR is required (a directory from ember pretrain or ember convert).")
-    params = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repetition_penalty).validate()
-    model, tok = api.load(cfg.checkpoint, device=cfg.device, dtype=cfg.dtype, tokenizer=cfg.tokenizer)
+    params = cfg.sampling_params()
+    model, tok = cfg.load("chat")
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     budget = model.cfg.block_size - min(cfg.max_new_tokens, model.cfg.block_size // 2)
     system, history = cfg.system, []

@@ -14,60 +14,35 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
-import tyro
 
 from ember.errors import EmberError
 from ember.fileio import atomic_write_text
 from ember.infer import api
-from ember.infer.sample import SamplingParams
 from ember.log import log
+from ember.recipes.sampling import SamplingFlags
 
 
 @dataclass
-class Config:
+class Config(SamplingFlags):
     """Generate text from a checkpoint: one streamed prompt, or a prompt file in batches."""
 
-    checkpoint: str = ""
-    """Checkpoint directory (ember.json + model.safetensors [+ tokenizer/])."""
     prompt: Optional[str] = None
     """The prompt text (an empty string samples unconditionally, starting from the EOS token)."""
     prompt_file: Optional[str] = None
     """A file of prompts: one per line, or .jsonl with a "prompt" field per line."""
-    max_new_tokens: int = 128
-    """New tokens per sample (clamped, with a warning, to what fits the context window)."""
-    temperature: float = 0.8
-    """Softmax temperature; 0 = greedy."""
-    top_k: Optional[int] = 50
-    """Sample among the k most likely tokens only (0 or None = off)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (1 = off)."""
-    min_p: float = 0.0
-    """Drop tokens below min_p x the top probability (0 = off)."""
-    repetition_penalty: float = 1.0
-    """Penalise already-seen tokens (HF semantics; 1 = off)."""
-    stop: tyro.conf.UseAppendAction[list[str]] = field(default_factory=list)
-    """A stop string (repeat the flag for several); the output is cut before it. \\n and \\t are unescaped."""
-    seed: int = 1234
-    """Random seed (same seed, same samples)."""
     num_samples: int = 1
     """Samples per prompt."""
     batch_size: int = 8
     """Sequences generated together (prompt file / several samples)."""
     truncate: bool = False
     """Left-truncate prompts that do not fit the context window instead of stopping with an error."""
-    tokenizer: Optional[str] = None
-    """Tokenizer directory/file; default the checkpoint's own tokenizer/ copy."""
     out: Optional[str] = None
     """Write results as JSONL here ({"index", "prompt", "sample", "completion"} per line)."""
-    device: str = "cpu"
-    """Device to run on (cpu, cuda, cuda:1, ...)."""
-    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
-    """Weights dtype; default the checkpoint's."""
     compile: bool = False
     """torch.compile the decode step (first call compiles: worth it for long generations)."""
 
@@ -120,13 +95,12 @@ def _write_results(cfg: Config, prompts: list[str], texts: list[str]) -> None:
 
 
 def main(cfg: Config) -> int:
-    if not cfg.checkpoint:
-        raise EmberError("ember generate: --checkpoint DIR is required (a directory from ember pretrain or ember convert).")
+    cfg.require_checkpoint("generate")  # before reading prompts
     prompts = _prompts(cfg)
-    params = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repetition_penalty).validate()
+    params = cfg.sampling_params()
     if cfg.num_samples < 1 or cfg.batch_size < 1 or cfg.max_new_tokens < 0:
         raise EmberError("ember generate: --num-samples and --batch-size must be >= 1, --max-new-tokens >= 0.")
-    model, tok = api.load(cfg.checkpoint, device=cfg.device, dtype=cfg.dtype, tokenizer=cfg.tokenizer)
+    model, tok = cfg.load("generate")
     ids = api.encode_prompts(tok, prompts, model.cfg.block_size, cfg.max_new_tokens, cfg.truncate)
     ids = [p for p in ids for _ in range(cfg.num_samples)]
     single = len(ids) == 1 and not cfg.out
