@@ -1,12 +1,15 @@
 """Convert checkpoints between Hugging Face format and ember's.
 
     ember convert --from-hf HF_DIR --out DIR       # GPT2LMHeadModel or LlamaForCausalLM -> ember checkpoint
+    ember convert --from-gguf FILE.gguf --out DIR  # llama.cpp GGUF (Llama architecture, any quantization)
     ember convert --to-hf DIR --out HF_DIR         # ember checkpoint -> config.json + model.safetensors
 
 An HF directory holds config.json and model.safetensors (a sharded model.safetensors.index.json, or
 pytorch_model.bin read with torch.load(weights_only=True), are accepted on import). Tokenizer files
 (tokenizer.json, vocab.json, merges.txt, ...) travel along: into `<DIR>/tokenizer/` on import and back
 next to the weights on export. Round trips are bit-exact in float32 (the default --dtype).
+A GGUF file is dequantized to float32 (models/gguf.py); its tokenizer and chat template become
+`<DIR>/tokenizer/tokenizer.json` and `tokenizer_config.json`.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ class Config:
 
     from_hf: Optional[str] = None
     """Import: a Hugging Face model directory (config.json + model.safetensors)."""
+    from_gguf: Optional[str] = None
+    """Import: a llama.cpp .gguf file (Llama architecture; quantized weights are dequantized)."""
     to_hf: Optional[str] = None
     """Export: an ember checkpoint directory (ember.json + model.safetensors)."""
     out: Optional[str] = None
@@ -49,12 +54,12 @@ class Config:
 
 
 def main(cfg: Config) -> int:
-    if (cfg.from_hf is None) == (cfg.to_hf is None):
-        raise EmberError("give exactly one of --from-hf HF_DIR or --to-hf DIR. "
+    if sum(x is not None for x in (cfg.from_hf, cfg.from_gguf, cfg.to_hf)) != 1:
+        raise EmberError("give exactly one of --from-hf HF_DIR, --from-gguf FILE or --to-hf DIR. "
                          "HINT: ember convert --from-hf HF_DIR --out DIR, or ember convert --to-hf DIR --out HF_DIR")
     if not cfg.out:
         raise EmberError("--out is required. HINT: add --out NEW_DIR")
-    src, out = Path(cfg.from_hf or cfg.to_hf), Path(cfg.out)
+    src, out = Path(cfg.from_hf or cfg.from_gguf or cfg.to_hf), Path(cfg.out)
     if out.resolve() == src.resolve():
         raise EmberError(f"{out}: --out is the source directory. HINT: write to a new directory")
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not cfg.overwrite:
@@ -64,6 +69,8 @@ def main(cfg: Config) -> int:
         raise EmberError(f"{out}: is a file, expected a directory. HINT: choose a new --out directory")
     if cfg.from_hf is not None:
         from_hf(src, out, DTYPES[cfg.dtype])
+    elif cfg.from_gguf is not None:
+        from_gguf(src, out, DTYPES[cfg.dtype])
     else:
         to_hf(src, out, DTYPES[cfg.dtype])
     return 0
@@ -73,23 +80,43 @@ def main(cfg: Config) -> int:
 def from_hf(hf_dir: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
     """Convert an HF GPT-2/Llama directory into an ember checkpoint at `out`."""
     hf_cfg = read_hf_config(hf_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_dir = _copy_files(hf_dir, Path(tmp) / TOKENIZER, TOKENIZER_FILES)
+        return _save_llm(hf_cfg, lambda cfg: read_hf_weights(hf_dir), hf_dir, hf_dir / "config.json", out, dtype,
+                         tok_dir, {})
+
+
+def from_gguf(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Convert a llama.cpp GGUF file (Llama architecture) into an ember checkpoint at `out`."""
+    from ember.models import gguf
+
+    hf_cfg, weights, tok_files = gguf.read_gguf(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_dir = Path(tmp) / TOKENIZER
+        tok_dir.mkdir()
+        for name, text in tok_files.items():
+            (tok_dir / name).write_text(text, encoding="utf-8")
+        return _save_llm(hf_cfg, lambda cfg: weights, path, path, out, dtype, tok_dir, {"gguf": path.name})
+
+
+def _save_llm(hf_cfg: dict, read_weights, src: Path, cfg_where: Path, out: Path, dtype: torch.dtype,
+              tok_dir: Optional[Path], extra: dict) -> Path:
+    """HF-style config + weights (HF names) -> an ember checkpoint; errors name `cfg_where` / `src`."""
     try:
         cfg = hfconv.config_from_hf(hf_cfg)
     except (KeyError, ValueError) as e:
         what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
-        raise EmberError(f"{hf_dir / 'config.json'}: cannot convert: {what}. "
+        raise EmberError(f"{cfg_where}: cannot convert: {what}. "
                          "HINT: ember converts GPT2LMHeadModel and LlamaForCausalLM checkpoints") from None
     try:
-        sd = hfconv.state_dict_from_hf(read_hf_weights(hf_dir), cfg, hf_cfg["model_type"])
+        sd = hfconv.state_dict_from_hf(read_weights(cfg), cfg, hf_cfg["model_type"])
     except ValueError as e:
-        raise EmberError(f"{hf_dir}: the weights do not match config.json: {e}. "
+        raise EmberError(f"{src}: the weights do not match the config: {e}. "
                          "HINT: re-download or re-save the model (model.save_pretrained(dir))") from None
     sd = {k: v.to(dtype) for k, v in sd.items()}
     source = {k: hf_cfg.get(k) for k in ("model_type", "architectures", "bos_token_id", "eos_token_id")}
-    with tempfile.TemporaryDirectory() as tmp:
-        tok_dir = _copy_files(hf_dir, Path(tmp) / TOKENIZER, TOKENIZER_FILES)
-        save_state_dict(sd, cfg, out, tokenizer_dir=tok_dir, extra={"hf": source})
-    _summary(hf_dir, out, cfg, dtype, [out / "model.safetensors", out / META] + _listing(out / TOKENIZER))
+    save_state_dict(sd, cfg, out, tokenizer_dir=tok_dir, extra={"hf": source, **extra})
+    _summary(src, out, cfg, dtype, [out / "model.safetensors", out / META] + _listing(out / TOKENIZER))
     return out
 
 
