@@ -3,6 +3,7 @@
     .venv/bin/python bench/decode.py                       # GPT-2 124M shape, random fp32 weights, CPU
     .venv/bin/python bench/decode.py --model smollm2       # SmolLM2-135M shape (Llama, GQA, tied)
     .venv/bin/python bench/decode.py --compile             # also ember with torch.compile'd decode step
+    .venv/bin/python bench/decode.py --checkpoint runs/smollm2   # real weights (e.g. converted from GGUF)
 
 One HF model (GPT2LMHeadModel or LlamaForCausalLM, random init, fp32) is converted into ember with
 ember.models.hf, so both run the very same weights. Both decode greedily from the same random prompt
@@ -46,6 +47,25 @@ def build_hf(name: str):
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, max_position_embeddings=2048, rope_theta=100000.0, tie_word_embeddings=True)
     return transformers.LlamaForCausalLM(cfg).eval(), "llama"
+
+
+def hf_from_checkpoint(path: str):
+    """(HF model with an ember checkpoint's weights, HF model type): the reference for real weights."""
+    import transformers
+
+    from ember.train.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(path)
+    model_type = hfconv.hf_model_type(model.cfg)
+    hf_cfg = hfconv.config_to_hf(model.cfg, model_type)
+    cls = transformers.GPT2LMHeadModel if model_type == "gpt2" else transformers.LlamaForCausalLM
+    config_cls = transformers.GPT2Config if model_type == "gpt2" else transformers.LlamaConfig
+    hf = cls(config_cls(**hf_cfg)).float().eval()
+    missing, unexpected = hf.load_state_dict(hfconv.state_dict_to_hf(model.state_dict(), model.cfg, model_type),
+                                             strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
+    hf.tie_weights()
+    return hf, model_type
 
 
 def to_ember(hf, model_type: str) -> Transformer:
@@ -133,6 +153,7 @@ def product_chain_rate(model: Transformer, steps: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=["gpt2", "smollm2"], default="gpt2")
+    ap.add_argument("--checkpoint", default=None, help="an ember checkpoint (real weights) instead of --model")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
@@ -144,12 +165,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(machine_line(), f"| load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    hf, model_type = build_hf(args.model)
+    hf, model_type = hf_from_checkpoint(args.checkpoint) if args.checkpoint else build_hf(args.model)
     model = to_ember(hf, model_type)  # generate packs it for batch <= PACK_MAX_BATCH (done here up front)
     plain = to_ember(hf, model_type)  # row-major weights as loaded: ember without models/packing
     pack_for_decode(model)
     n_params = model.num_params()
-    print(f"model: {args.model}-shaped {model_type}, {n_params / 1e6:.1f}M params, fp32, random weights; "
+    what = f"{args.checkpoint} ({model_type})" if args.checkpoint else f"{args.model}-shaped {model_type}, random weights"
+    print(f"model: {what}, {n_params / 1e6:.1f}M params, fp32; "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy")
     n = args.new_tokens
     hf_rate1 = None

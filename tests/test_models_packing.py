@@ -1,5 +1,7 @@
 """models/packing: the decode layout and the split GEMV give the same results as the plain model."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -127,3 +129,40 @@ def test_fused_views_hold_the_group_views_only_inside_the_block(two_threads):
             assert weight.data_ptr() == attn.wq.weight.data_ptr() and ffn.fused is not None
             torch.testing.assert_close(m(tokens[:, -1:]), ref, rtol=1e-5, atol=1e-5)
     assert "fused" not in vars(attn) and attn.fused is None and ffn.fused is None  # dropped on exit
+
+
+@pytest.mark.parametrize("name,over", [("tiny", {}), ("tiny-llama", {}), ("tiny-llama", dict(n_kv_head=1, bias=True))])
+def test_block_decoder_steps_match_the_modules(name, over, two_threads, monkeypatch):
+    """Batch-1 decode steps through layers.BlockDecoder (inside fused_views) == through the modules."""
+    from ember.models import preset
+    from ember.models.kv_cache import clear_caches, setup_caches
+    from ember.models.layers import BlockDecoder
+
+    m = Transformer(preset(name, **over))
+    m.init_weights(0)
+    m.eval()
+    pack_for_decode(m)
+    x = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(5))
+    calls = []
+    original = BlockDecoder.__call__
+    monkeypatch.setattr(BlockDecoder, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
+
+    def steps(views: bool) -> torch.Tensor:
+        setup_caches(m, 1, 16)
+        with torch.inference_mode(), (fused_views(m) if views else contextlib.nullcontext()):
+            outs = [m(x[:, :5], input_pos=torch.arange(5))[:, -1]]
+            outs += [m(x[:, t:t + 1], input_pos=torch.tensor([t]))[:, -1] for t in range(5, 12)]
+        clear_caches(m)
+        return torch.cat(outs)
+
+    ref = steps(False)
+    assert not calls
+    out = steps(True)
+    assert len(calls) == 7 * m.cfg.n_layer  # every one-token step of every layer went through the decoder
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with fused_views(m):
+        assert all(b.decoder is not None for b in m.layers.values())
+    assert all(b.decoder is None for b in m.layers.values())
+    unpack(m)
+    with fused_views(m):  # not packed: no decoder, the modules run
+        assert all(b.decoder is None for b in m.layers.values())

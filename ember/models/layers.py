@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.models.config import ModelConfig, RopeScaling
-from ember.models.packing import decode_linear, packed_linear, plain_linear
+from ember.models.packing import decode_linear, fused_weight, one_row, packed_linear, plain_linear, row_product
 
 
 class RMSNorm(nn.RMSNorm):
@@ -203,6 +203,8 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
+    decoder = None  # a BlockDecoder while models.packing.fused_views is active (batch-1 decode steps)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attention_norm = make_norm(cfg)
@@ -213,8 +215,88 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor], mask: Optional[torch.Tensor],
                 is_causal: bool, input_pos: Optional[torch.Tensor] = None, kv_len: Optional[int] = None) -> torch.Tensor:
+        if (self.decoder is not None and kv_len is not None and mask is None and x.shape[0] == 1
+                and x.shape[1] == 1 and not self.training and not torch.is_grad_enabled()):
+            return self.decoder(x, rope, input_pos, kv_len)
         x = x + self._drop(self.attention(self.attention_norm(x), rope, mask, is_causal, input_pos, kv_len))
         return x + self._drop(self.feed_forward(self.ffn_norm(x)))
 
     def _drop(self, y: torch.Tensor) -> torch.Tensor:
         return self.resid_dropout(y) if self.training else y  # eval: skip the no-op call (~7 us, twice a layer)
+
+
+class BlockDecoder:
+    """`Block.forward` for ONE token of ONE sequence with a KV cache, written for the fewest ops.
+
+    A batch-1 decode step on CPU is memory-bound GEMVs plus ~50 small ops per layer, each costing a
+    few microseconds of dispatch and Python; on a 30-layer model the small ops took as long as the
+    weight reads. This is the same arithmetic as the modules (same kernels, same order: results
+    match them to float rounding, tests/test_models_packing.py) with everything that does not
+    change between steps done once, in `build`: weight slices for the split GEMV (`one_row`), the
+    packed q|k|v and gate|up views, head counts, norm parameters. No module calls, no transposes:
+    a one-token query is already laid out as (1, H, 1, D).
+
+    Built by `models.packing.fused_views` for blocks whose weights are packed and plain; used by
+    `Block.forward` only with autograd off, in eval mode, for x of shape (1, 1, C) without a mask.
+    """
+
+    def __init__(self, block: Block, qkv: tuple, wo: tuple, up: tuple, down: tuple, swiglu: bool):
+        att = block.attention
+        self.attention = att  # its kv_cache is read at each step (caches are set up per generation)
+        self.norms = [(n.weight, getattr(n, "bias", None), n.eps, isinstance(n, RMSNorm))
+                      for n in (block.attention_norm, block.ffn_norm)]
+        self.qkv, self.wo, self.up, self.down, self.swiglu = qkv, wo, up, down, swiglu
+        self.H = att.wq.out_features // att.head_dim
+        self.K = att.wk.out_features // att.head_dim
+        self.D, self.rope = att.head_dim, att.rope
+        self.nqk = att.wq.out_features + att.wk.out_features
+
+    @classmethod
+    def build(cls, block: Block, parts: int) -> Optional["BlockDecoder"]:
+        """A decoder for `block`, or None when its weights are not packed plain CPU float32 Linears."""
+        att, mlp = block.attention, block.feed_forward
+        swiglu = isinstance(mlp, SwiGLU)
+        if type(mlp) not in (SwiGLU, GeluMLP) or type(att) is not Attention:
+            return None
+        if not all(type(n) in (RMSNorm, nn.LayerNorm) for n in (block.attention_norm, block.ffn_norm)):
+            return None
+        linears = [att.wq, att.wk, att.wv, att.wo, mlp.w1, mlp.w2] + ([mlp.w3] if swiglu else [])
+        if not all(plain_linear(m) and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+                   for m in linears):
+            return None
+        qkv = fused_weight([att.wq, att.wk, att.wv])
+        up = fused_weight([mlp.w1, mlp.w3]) if swiglu else (mlp.w1.weight, mlp.w1.bias)
+        if qkv is None or up is None:
+            return None
+        return cls(block, row_product(*qkv, parts), row_product(att.wo.weight, att.wo.bias, parts),
+                   row_product(*up, parts), row_product(mlp.w2.weight, mlp.w2.bias, parts), swiglu)
+
+    def _norm(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        weight, bias, eps, rms = self.norms[i]
+        if rms:  # RMSNorm.forward's float32 arithmetic
+            eps = eps if eps is not None else torch.finfo(torch.float32).eps
+            return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+        return F.layer_norm(x, weight.shape, weight, bias, eps)
+
+    def __call__(self, x: torch.Tensor, rope: Optional[torch.Tensor], input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        H, K, D, nqk = self.H, self.K, self.D, self.nqk
+        qkv = one_row(self._norm(x, 0), self.qkv).view(-1)  # [q | k | v]
+        qk = qkv[:nqk].view(1, H + K, D)
+        if self.rope:
+            qk = apply_rope(qk, rope)  # rope (1, 1, 2D): one position
+        cache = self.attention.kv_cache
+        k, v = qk[0, H:].view(1, K, 1, D), qkv[nqk:].view(1, K, 1, D)
+        if cache.k.dtype != k.dtype:
+            k, v = k.to(cache.k.dtype), v.to(cache.v.dtype)
+        cache.k.index_copy_(2, input_pos, k)
+        cache.v.index_copy_(2, input_pos, v)
+        y = F.scaled_dot_product_attention(qk[0, :H].view(1, H, 1, D), cache.k[:, :, :kv_len],
+                                           cache.v[:, :, :kv_len], enable_gqa=H != K)  # (1, H, 1, D)
+        x = x + one_row(y.view(1, 1, H * D), self.wo)
+        h = one_row(self._norm(x, 1), self.up)
+        if self.swiglu:
+            gate, up = h.view(-1).chunk(2)
+            h = F.silu(gate, inplace=True).mul_(up).view(1, 1, -1)
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return x + one_row(h, self.down)

@@ -176,8 +176,12 @@ def unpack(model: nn.Module) -> int:
 def fused_views(model: nn.Module) -> Iterator[int]:
     """Within the block, each packed group's owner (Attention, SwiGLU) holds its `fused_weight` views
     in `owner.fused`, so a decode step does not re-check the layout on every call (~15 us of Python
-    per group: 60 groups per SmolLM2 step). Yields how many groups are packed. Do not re-lay or
-    replace the weights inside the block; the views are dropped on exit."""
+    per group: 60 groups per SmolLM2 step), and each Block whose weights are all packed holds a
+    `layers.BlockDecoder` (`block.decoder`): the batch-1, one-token step with every weight slice
+    precomputed. Yields how many groups are packed. Do not re-lay or replace the weights inside the
+    block; everything is dropped on exit."""
+    from ember.models.layers import Block, BlockDecoder
+
     owners = []
     try:
         for owner, group in _owned_groups(model):
@@ -185,10 +189,19 @@ def fused_views(model: nn.Module) -> Iterator[int]:
             if fused is not None:
                 owner.fused = fused
                 owners.append(owner)
-        yield len(owners)
+        n_groups = len(owners)
+        parts = torch.get_num_threads()
+        for block in model.modules():
+            if isinstance(block, Block):
+                decoder = BlockDecoder.build(block, parts)
+                if decoder is not None:
+                    block.decoder = decoder
+                    owners.append(block)
+        yield n_groups
     finally:
         for owner in owners:
-            del owner.fused  # back to the class default (None)
+            vars(owner).pop("fused", None)  # back to the class defaults (None)
+            vars(owner).pop("decoder", None)
 
 
 def is_packed(model: nn.Module) -> bool:
@@ -219,10 +232,7 @@ def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         return F.linear(x, weight, bias)
     lead = x.shape[:-1]
     M = x.numel() // C
-    # (P, C, n) view: slices[p] = weight[p*n : (p+1)*n].t(); one as_strided whatever the layout
-    # (column-major: row-major (C, n) blocks with leading dimension N; row-major: transposed blocks)
-    s0, s1 = weight.stride()
-    slices = weight.as_strided((P, C, n), (n * s0, s1, s0))
+    slices = _slices(weight, P, n)
     xs = x.reshape(1, M, C).expand(P, M, C)
     if N == P * n:  # no remainder: one (bias-fused) bmm, its (P, M, n) output is already in order for M = 1
         out = (torch.bmm(xs, slices) if bias is None
@@ -241,6 +251,36 @@ def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if bias is not None:
         out += bias
     return out.view(*lead, N)
+
+
+def _slices(weight: torch.Tensor, P: int, n: int) -> torch.Tensor:
+    """(P, C, n) view: slices[p] = weight[p*n : (p+1)*n].t(); one as_strided whatever the layout
+    (column-major: row-major (C, n) blocks with leading dimension N; row-major: transposed blocks)."""
+    s0, s1 = weight.stride()
+    return weight.as_strided((P, weight.shape[1], n), (n * s0, s1, s0))
+
+
+RowProduct = tuple  # (slices (P, C, n) or None, weight (N, C), bias (N,) or None, bias as (P, 1, n) or None)
+
+
+def row_product(weight: torch.Tensor, bias: Optional[torch.Tensor], parts: int) -> RowProduct:
+    """What `one_row` needs to run F.linear(x, weight, bias) for ONE row x with the least work per call:
+    the weight slices and the bias view precomputed (the split applies when the output divides evenly)."""
+    N, _ = weight.shape
+    n = N // parts
+    if parts < 2 or n < 64 or N != parts * n:
+        return None, weight, bias, None
+    return _slices(weight, parts, n), weight, bias, None if bias is None else bias.view(parts, 1, n)
+
+
+def one_row(x: torch.Tensor, rp: RowProduct) -> torch.Tensor:
+    """x (1, 1, C) through a `row_product`: one (bias-fused) bmm, output (1, 1, N)."""
+    slices, weight, bias, bias3 = rp
+    if slices is None:
+        return F.linear(x, weight, bias)
+    xs = x.view(1, 1, -1).expand(slices.shape[0], 1, slices.shape[1])
+    out = torch.bmm(xs, slices) if bias3 is None else torch.baddbmm(bias3, xs, slices)
+    return out.view(1, 1, -1)
 
 
 def decode_linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:

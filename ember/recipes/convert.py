@@ -8,7 +8,7 @@ An HF directory holds config.json and model.safetensors (a sharded model.safeten
 pytorch_model.bin read with torch.load(weights_only=True), are accepted on import). Tokenizer files
 (tokenizer.json, vocab.json, merges.txt, ...) travel along: into `<DIR>/tokenizer/` on import and back
 next to the weights on export. Round trips are bit-exact in float32 (the default --dtype).
-A GGUF file is dequantized to float32 (models/gguf.py); its tokenizer and chat template become
+A GGUF file is dequantized to float32 (infer/gguf.py); its tokenizer and chat template become
 `<DIR>/tokenizer/tokenizer.json` and `tokenizer_config.json`.
 """
 
@@ -88,7 +88,7 @@ def from_hf(hf_dir: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path
 
 def from_gguf(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
     """Convert a llama.cpp GGUF file (Llama architecture) into an ember checkpoint at `out`."""
-    from ember.models import gguf
+    from ember.infer import gguf
 
     hf_cfg, weights, tok_files = gguf.read_gguf(path)
     with tempfile.TemporaryDirectory() as tmp:
