@@ -147,11 +147,12 @@ def test_block_decoder_steps_match_the_modules(name, over, two_threads, monkeypa
     original = BlockDecoder.__call__
     monkeypatch.setattr(BlockDecoder, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
 
-    def steps(views: bool) -> torch.Tensor:
+    def steps(views: bool, per_sample: bool = False) -> torch.Tensor:
         setup_caches(m, 1, 16)
         with torch.inference_mode(), (fused_views(m) if views else contextlib.nullcontext()):
             outs = [m(x[:, :5], input_pos=torch.arange(5))[:, -1]]
-            outs += [m(x[:, t:t + 1], input_pos=torch.tensor([t]))[:, -1] for t in range(5, 12)]
+            outs += [m(x[:, t:t + 1], input_pos=torch.tensor([t]),
+                       positions=torch.tensor([[t]]) if per_sample else None)[:, -1] for t in range(5, 12)]
         clear_caches(m)
         return torch.cat(outs)
 
@@ -160,6 +161,7 @@ def test_block_decoder_steps_match_the_modules(name, over, two_threads, monkeypa
     out = steps(True)
     assert len(calls) == 7 * m.cfg.n_layer  # every one-token step of every layer went through the decoder
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(steps(True, per_sample=True), ref, rtol=1e-5, atol=1e-5)  # (B, T) positions
     with fused_views(m):
         assert all(b.decoder is not None for b in m.layers.values())
     assert all(b.decoder is None for b in m.layers.values())

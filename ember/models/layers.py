@@ -258,7 +258,8 @@ class BlockDecoder:
         swiglu = isinstance(mlp, SwiGLU)
         if type(mlp) not in (SwiGLU, GeluMLP) or type(att) is not Attention:
             return None
-        if not all(type(n) in (RMSNorm, nn.LayerNorm) for n in (block.attention_norm, block.ffn_norm)):
+        if not all(type(n) in (RMSNorm, nn.LayerNorm) and n.weight is not None
+                   for n in (block.attention_norm, block.ffn_norm)):
             return None
         linears = [att.wq, att.wk, att.wv, att.wo, mlp.w1, mlp.w2] + ([mlp.w3] if swiglu else [])
         if not all(plain_linear(m) and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
@@ -283,7 +284,7 @@ class BlockDecoder:
         qkv = one_row(self._norm(x, 0), self.qkv).view(-1)  # [q | k | v]
         qk = qkv[:nqk].view(1, H + K, D)
         if self.rope:
-            qk = apply_rope(qk, rope)  # rope (1, 1, 2D): one position
+            qk = apply_rope(qk, rope.view(1, 1, -1))  # one position: (1, 1, 2D) whether positions were per sample or not
         cache = self.attention.kv_cache
         k, v = qk[0, H:].view(1, K, 1, D), qkv[nqk:].view(1, K, 1, D)
         if cache.k.dtype != k.dtype:
