@@ -27,7 +27,9 @@ quantized, hooked or DTensor (sharded) weights are left alone.
 
 `split_linear` / `decode_linear` then run each of these few-row products as a bmm over slices of the
 weight, so every core streams its own part (see `split_linear`). `ember.infer.generate` packs for
-batches of at most 2 rows and unpacks for larger ones (where the column-major head is slower).
+batches of at most 2 rows and unpacks for larger ones (where the column-major head is slower), and
+generates inside `fused_views(model)`, which prepares the packed views, the weight slices
+(`row_product`) and each block's `layers.BlockDecoder` once for the whole generation.
 """
 
 from __future__ import annotations
