@@ -166,9 +166,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(machine_line(), f"| load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     hf, model_type = hf_from_checkpoint(args.checkpoint) if args.checkpoint else build_hf(args.model)
-    model = to_ember(hf, model_type)  # generate packs it for batch <= PACK_MAX_BATCH (done here up front)
+    model = to_ember(hf, model_type)  # packed below for batches <= PACK_MAX_BATCH, as generate does
     plain = to_ember(hf, model_type)  # row-major weights as loaded: ember without models/packing
-    pack_for_decode(model)
     n_params = model.num_params()
     what = f"{args.checkpoint} ({model_type})" if args.checkpoint else f"{args.model}-shaped {model_type}, random weights"
     print(f"model: {what}, {n_params / 1e6:.1f}M params, fp32; "
@@ -199,8 +198,8 @@ def main() -> None:
     nbytes = bytes_per_token(model, args.prompt_len + n // 2)
     ids = torch.randint(0, model.cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
     runs = [("eager", model, False), ("eager, unpacked", plain, False)]
-    chain = []
     runs += [("compiled", model, True)] if args.compile else []
+    chain = []
     rows: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _, _ in runs}
     for _ in range(args.rounds):
         for name, m, comp in runs:

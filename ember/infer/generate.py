@@ -30,36 +30,35 @@ from ember.models.packing import decode_linear, fused_views, pack_for_decode, un
 
 
 # ------------------------------------------------------------------------------ one forward each
-def prefill(model: nn.Module, tokens: torch.Tensor, input_pos: torch.Tensor,
-            positions: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Run the prompt (B, T) through the model, filling cache slots input_pos (T,); logits (B, V) of the last position.
-
-    The output head (a large share of the FLOPs for a big vocab) is applied to the last position only.
-    """
-    h = model.hidden_states(tokens, input_pos=input_pos, positions=positions, attn_mask=attn_mask)  # (B, T, C)
-    return logits_of(h[:, -1], model.output)  # (B, V)
-
-
-def decode_one(model: nn.Module, token: torch.Tensor, input_pos: torch.Tensor,
-               positions: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """One step: token (B, 1) at cache slot input_pos (1,) -> logits (B, V)."""
-    return model(token, input_pos=input_pos, positions=positions, attn_mask=attn_mask)[:, -1]
-
-
-PACK_MAX_BATCH = 2  # batches up to this size decode with the packed layout (see generate_iter)
-
-
-# ---------------------------------------------------------------------------- the decode step
 def logits_of(h: torch.Tensor, head: Optional[nn.Module]) -> torch.Tensor:
     """Hidden states (B, C) -> logits (B, V) (identity for a model without a head: pipeline stages)."""
     return decode_linear(head, h) if head is not None else h
 
 
-def decode_step(model: nn.Module, token: torch.Tensor, input_pos: torch.Tensor, positions: Optional[torch.Tensor],
+def decode_step(model: nn.Module, tokens: torch.Tensor, input_pos: torch.Tensor, positions: Optional[torch.Tensor],
                 attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """`decode_one` through `hidden_states` and the head on the last position: logits (B, V)."""
-    h = model.hidden_states(token, input_pos=input_pos, positions=positions, attn_mask=attn_mask)[:, -1]  # (B, C)
+    """tokens (B, T) written at cache slots input_pos (T,) -> logits (B, V) of the last position.
+
+    Runs `hidden_states` and applies the head (a large share of the FLOPs for a big vocab) to the
+    last position only. All arguments positional: the form `compiled_decode_step` compiles.
+    """
+    h = model.hidden_states(tokens, input_pos=input_pos, positions=positions, attn_mask=attn_mask)[:, -1]  # (B, C)
     return logits_of(h, model.output)
+
+
+def prefill(model: nn.Module, tokens: torch.Tensor, input_pos: torch.Tensor,
+            positions: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Run the prompt (B, T) through the model, filling cache slots input_pos (T,); logits (B, V) of the last position."""
+    return decode_step(model, tokens, input_pos, positions, attn_mask)
+
+
+def decode_one(model: nn.Module, token: torch.Tensor, input_pos: torch.Tensor,
+               positions: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One step: token (B, 1) at cache slot input_pos (1,) -> logits (B, V)."""
+    return decode_step(model, token, input_pos, positions, attn_mask)
+
+
+PACK_MAX_BATCH = 2  # batches up to this size decode with the packed layout (see generate_iter)
 
 
 _compiled_step: Optional[Callable] = None

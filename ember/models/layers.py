@@ -30,12 +30,17 @@ class RMSNorm(nn.RMSNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        eps = self.eps if self.eps is not None else torch.finfo(torch.float32).eps
-        if x.dtype == torch.float32:  # the same arithmetic without two no-op casts (a decode step has 2 per layer)
-            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: Optional[float]) -> torch.Tensor:
+    """weight * x / sqrt(mean(x^2) + eps), in fp32 (HF LlamaRMSNorm's arithmetic); eps None: fp32's epsilon."""
+    eps = eps if eps is not None else torch.finfo(torch.float32).eps
+    if x.dtype == torch.float32:  # the same arithmetic without two no-op casts (a decode step has 2 per layer)
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -265,8 +270,8 @@ class BlockDecoder:
         if not all(plain_linear(m) and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
                    for m in linears):
             return None
-        qkv = fused_weight([att.wq, att.wk, att.wv])
-        up = fused_weight([mlp.w1, mlp.w3]) if swiglu else (mlp.w1.weight, mlp.w1.bias)
+        qkv = att.fused or fused_weight([att.wq, att.wk, att.wv])  # fused_views sets .fused first
+        up = (mlp.fused or fused_weight([mlp.w1, mlp.w3])) if swiglu else (mlp.w1.weight, mlp.w1.bias)
         if qkv is None or up is None:
             return None
         return cls(block, row_product(*qkv, parts), row_product(att.wo.weight, att.wo.bias, parts),
@@ -274,10 +279,7 @@ class BlockDecoder:
 
     def _norm(self, x: torch.Tensor, i: int) -> torch.Tensor:
         weight, bias, eps, rms = self.norms[i]
-        if rms:  # RMSNorm.forward's float32 arithmetic
-            eps = eps if eps is not None else torch.finfo(torch.float32).eps
-            return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-        return F.layer_norm(x, weight.shape, weight, bias, eps)
+        return rms_norm(x, weight, eps) if rms else F.layer_norm(x, weight.shape, weight, bias, eps)
 
     def __call__(self, x: torch.Tensor, rope: Optional[torch.Tensor], input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         H, K, D, nqk = self.H, self.K, self.D, self.nqk
@@ -285,14 +287,9 @@ class BlockDecoder:
         qk = qkv[:nqk].view(1, H + K, D)
         if self.rope:
             qk = apply_rope(qk, rope.view(1, 1, -1))  # one position: (1, 1, 2D) whether positions were per sample or not
-        cache = self.attention.kv_cache
-        k, v = qk[0, H:].view(1, K, 1, D), qkv[nqk:].view(1, K, 1, D)
-        if cache.k.dtype != k.dtype:
-            k, v = k.to(cache.k.dtype), v.to(cache.v.dtype)
-        cache.k.index_copy_(2, input_pos, k)
-        cache.v.index_copy_(2, input_pos, v)
-        y = F.scaled_dot_product_attention(qk[0, :H].view(1, H, 1, D), cache.k[:, :, :kv_len],
-                                           cache.v[:, :, :kv_len], enable_gqa=H != K)  # (1, H, 1, D)
+        k, v = self.attention.kv_cache.update(input_pos, qk[0, H:].view(1, K, 1, D), qkv[nqk:].view(1, K, 1, D))
+        y = F.scaled_dot_product_attention(qk[0, :H].view(1, H, 1, D), k[:, :, :kv_len], v[:, :, :kv_len],
+                                           enable_gqa=H != K)  # (1, H, 1, D)
         x = x + one_row(y.view(1, 1, H * D), self.wo)
         h = one_row(self._norm(x, 1), self.up)
         if self.swiglu:

@@ -229,8 +229,8 @@ def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     """
     P = parts or torch.get_num_threads()
     N, C = weight.shape
-    n = N // P
-    if P < 2 or n < 64:
+    n = _split_width(N, P)
+    if not n:
         return F.linear(x, weight, bias)
     lead = x.shape[:-1]
     M = x.numel() // C
@@ -255,6 +255,12 @@ def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     return out.view(*lead, N)
 
 
+def _split_width(N: int, P: int) -> int:
+    """Outputs per slice when N outputs split over P threads, or 0 where a split does not pay (slices < 64 wide)."""
+    n = N // P
+    return n if P >= 2 and n >= 64 else 0
+
+
 def _slices(weight: torch.Tensor, P: int, n: int) -> torch.Tensor:
     """(P, C, n) view: slices[p] = weight[p*n : (p+1)*n].t(); one as_strided whatever the layout
     (column-major: row-major (C, n) blocks with leading dimension N; row-major: transposed blocks)."""
@@ -267,10 +273,10 @@ RowProduct = tuple  # (slices (P, C, n) or None, weight (N, C), bias (N,) or Non
 
 def row_product(weight: torch.Tensor, bias: Optional[torch.Tensor], parts: int) -> RowProduct:
     """What `one_row` needs to run F.linear(x, weight, bias) for ONE row x with the least work per call:
-    the weight slices and the bias view precomputed (the split applies when the output divides evenly)."""
+    the weight slices and the bias view precomputed (when the outputs divide evenly over `parts`)."""
     N, _ = weight.shape
-    n = N // parts
-    if parts < 2 or n < 64 or N != parts * n:
+    n = _split_width(N, parts)
+    if not n or N != parts * n:
         return None, weight, bias, None
     return _slices(weight, parts, n), weight, bias, None if bias is None else bias.view(parts, 1, n)
 
@@ -278,8 +284,8 @@ def row_product(weight: torch.Tensor, bias: Optional[torch.Tensor], parts: int) 
 def one_row(x: torch.Tensor, rp: RowProduct) -> torch.Tensor:
     """x (1, 1, C) through a `row_product`: one (bias-fused) bmm, output (1, 1, N)."""
     slices, weight, bias, bias3 = rp
-    if slices is None:
-        return F.linear(x, weight, bias)
+    if slices is None:  # nothing precomputed: what the modules run (a split with a remainder, or F.linear)
+        return decode_fused(x, weight, bias)
     xs = x.view(1, 1, -1).expand(slices.shape[0], 1, slices.shape[1])
     out = torch.bmm(xs, slices) if bias3 is None else torch.baddbmm(bias3, xs, slices)
     return out.view(1, 1, -1)

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 
@@ -82,8 +82,8 @@ def from_hf(hf_dir: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path
     hf_cfg = read_hf_config(hf_dir)
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = _copy_files(hf_dir, Path(tmp) / TOKENIZER, TOKENIZER_FILES)
-        return _save_llm(hf_cfg, lambda cfg: read_hf_weights(hf_dir), hf_dir, hf_dir / "config.json", out, dtype,
-                         tok_dir, {})
+        return _save_llm(hf_cfg, lambda: read_hf_weights(hf_dir), hf_dir, hf_dir / "config.json", out, dtype,
+                         tok_dir, {}, "re-download or re-save the model (model.save_pretrained(dir))")
 
 
 def from_gguf(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
@@ -96,12 +96,14 @@ def from_gguf(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path
         tok_dir.mkdir()
         for name, text in tok_files.items():
             (tok_dir / name).write_text(text, encoding="utf-8")
-        return _save_llm(hf_cfg, lambda cfg: weights, path, path, out, dtype, tok_dir, {"gguf": path.name})
+        return _save_llm(hf_cfg, lambda: weights, path, path, out, dtype, tok_dir, {"gguf": path.name},
+                         "re-download the file, or convert the original Hugging Face checkpoint with --from-hf")
 
 
-def _save_llm(hf_cfg: dict, read_weights, src: Path, cfg_where: Path, out: Path, dtype: torch.dtype,
-              tok_dir: Optional[Path], extra: dict) -> Path:
-    """HF-style config + weights (HF names) -> an ember checkpoint; errors name `cfg_where` / `src`."""
+def _save_llm(hf_cfg: dict, read_weights: Callable[[], dict], src: Path, cfg_where: Path, out: Path,
+              dtype: torch.dtype, tok_dir: Optional[Path], extra: dict, weights_hint: str) -> Path:
+    """HF-style config + weights (HF names, read only once the config is valid) -> an ember checkpoint;
+    errors name `cfg_where` (config) or `src` (weights, with `weights_hint`)."""
     try:
         cfg = hfconv.config_from_hf(hf_cfg)
     except (KeyError, ValueError) as e:
@@ -109,10 +111,9 @@ def _save_llm(hf_cfg: dict, read_weights, src: Path, cfg_where: Path, out: Path,
         raise EmberError(f"{cfg_where}: cannot convert: {what}. "
                          "HINT: ember converts GPT2LMHeadModel and LlamaForCausalLM checkpoints") from None
     try:
-        sd = hfconv.state_dict_from_hf(read_weights(cfg), cfg, hf_cfg["model_type"])
+        sd = hfconv.state_dict_from_hf(read_weights(), cfg, hf_cfg["model_type"])
     except ValueError as e:
-        raise EmberError(f"{src}: the weights do not match the config: {e}. "
-                         "HINT: re-download or re-save the model (model.save_pretrained(dir))") from None
+        raise EmberError(f"{src}: the weights do not match the config: {e}. HINT: {weights_hint}") from None
     sd = {k: v.to(dtype) for k, v in sd.items()}
     source = {k: hf_cfg.get(k) for k in ("model_type", "architectures", "bos_token_id", "eos_token_id")}
     save_state_dict(sd, cfg, out, tokenizer_dir=tok_dir, extra={"hf": source, **extra})
