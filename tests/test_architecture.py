@@ -37,7 +37,7 @@ GROUPS = {
     "models": {"models"},
     "base": {"config", "errors", "fileio", "log"},
     "transforms": {"parallel", "peft", "quant", "compress"},
-    "apps": {"train", "infer", "eval", "data", "tokenizer", "serve"},
+    "apps": {"train", "infer", "eval", "data", "tokenizer", "serve", "io"},
     "recipes": {"recipes"},
     "cli": {"cli", "__main__"},
     "facade": {"__init__"},

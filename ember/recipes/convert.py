@@ -170,13 +170,9 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: shard missing. HINT: re-download the model") from None
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
-        raise CheckpointError(f"{path}: cannot read it as plain tensors ({type(e).__name__}: {e}). "
-                              "HINT: convert it to safetensors, or re-download the model") from None
+    from ember.io.safe import load_pt
+
+    return load_pt(path)  # weights_only=True: never unpickles code; one-line errors naming the file
 
 
 # ---------------------------------------------------------------------------------------- export

@@ -8,6 +8,10 @@ A training checkpoint is a directory `run_dir/checkpoints/step_0000100/`:
     scheduler.pt    LambdaLR state        (torch.save of plain values; loaded with weights_only=True)
     rank_00000.pt   per-rank: loader state, RNG states (python, numpy, torch cpu, cuda), extra counters
 
+Loading never runs code from these files: DCP goes through `ember.io.safe.dcp_load` (a restricted
+unpickler for `.metadata`, `weights_only=True` for bytes items) and the `.pt` files through
+`ember.io.safe.load_pt`.
+
 It is written into `checkpoints/.step_0000100.tmp/` by every rank and renamed by rank 0 after a
 barrier, so a crash never leaves a directory that looks complete. Multi-node runs need `run_dir` on
 a shared file system. `export_final` / `export_to_safetensors` write the inference checkpoint
@@ -34,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from ember.errors import EmberError
 from ember.fileio import atomic_write_text
+from ember.io.safe import dcp_load, load_pt
 from ember.log import log, warn
 
 CKPT_DIR = "checkpoints"
@@ -183,16 +188,16 @@ def load_train_state(ckpt: str | Path, model: nn.Module, optimizer: Optional[tor
         msd, osd = get_state_dict(model, optimizer)
         sd = {"model": msd, "optim": osd}
         with _quiet_dcp():
-            dcp.load(sd, checkpoint_id=str(ckpt / "dcp"))
+            dcp_load(sd, ckpt / "dcp")
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     else:
         load_model_state(ckpt, model)
     if scheduler is not None and (ckpt / "scheduler.pt").is_file():
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        scheduler.load_state_dict(load_pt(ckpt / "scheduler.pt"))
     meta["extra"] = {}
     rank_file = ckpt / f"rank_{_rank():05d}.pt"
     if meta.get("dp_size", 1) == dp_size and meta.get("world_size", 1) == _world() and rank_file.is_file():
-        per_rank = torch.load(rank_file, weights_only=True)
+        per_rank = load_pt(rank_file)
         if loader is not None and per_rank["loader"] is not None:
             loader.load_state_dict(per_rank["loader"])
         if restore_rng:
@@ -212,7 +217,7 @@ def load_model_state(ckpt: str | Path, model: nn.Module) -> None:
     msd = get_model_state_dict(model)
     sd = {"model": msd}
     with _quiet_dcp():
-        dcp.load(sd, checkpoint_id=str(Path(ckpt) / "dcp"))
+        dcp_load(sd, Path(ckpt) / "dcp")
     set_model_state_dict(model, sd["model"])
 
 
