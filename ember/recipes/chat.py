@@ -50,7 +50,7 @@ class Config(SamplingFlags):
 
 # --------------------------------------------------------------------------------- conversation
 def encode_chat(tok: Any, messages: list[dict]) -> list[int]:
-    return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), allowed_special="all")
+    return tok.encode_chat(messages, add_generation_prompt=True)
 
 
 def fit_history(tok: Any, system: Optional[str], history: list[dict], budget: int) -> tuple[list[int], int]:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from datetime import datetime
+from typing import Callable
 
 from ember.errors import EmberError
 
@@ -74,3 +76,40 @@ def render_jinja(template: str, messages: list[dict], add_generation_prompt: boo
         raise
     except Exception as e:  # jinja2 errors, sandbox violations
         raise EmberError(f"chat_template: rendering failed: {type(e).__name__}: {e}") from None
+
+
+def _sentinel(i: int) -> str:
+    return f"\x00ember-content-{i}\x00"  # NUL never occurs in a template or in tokenizer specials
+
+
+def split_rendered(render: Callable[[list[dict]], str], messages: list[dict]) -> list[tuple[str, bool]]:
+    """The rendered prompt as (text, is_message_content) pieces, for any template.
+
+    The template is rendered with each content replaced by a sentinel; the text between sentinels is
+    the template's own, the only text allowed to hold control tokens. Each sentinel stands for its
+    content as the template emitted it: as given, or stripped (templates that `| trim`), checked
+    against a rendering with the real contents; as a last resort the contents are located by
+    matching that rendering (sentinels as wildcards).
+    """
+    check_messages(messages)
+    real = render(messages)
+    marked = render([{**m, "content": _sentinel(i)} for i, m in enumerate(messages)])
+    parts = re.split("(\x00ember-content-\\d+\x00)", marked)
+    index = [int(p.strip("\x00").rsplit("-", 1)[1]) for p in parts[1::2]]
+    raw = [messages[i]["content"] for i in index]
+    for contents in (raw, [c.strip() for c in raw]):
+        if "".join(c if k % 2 else p for k, (p, c) in enumerate(zip(parts, _interleave(contents, len(parts))))) == real:
+            break
+    else:
+        pattern = "".join("(.*?)" if k % 2 else re.escape(p) for k, p in enumerate(parts))
+        found = re.fullmatch(pattern, real, flags=re.DOTALL)
+        contents = list(found.groups()) if found is not None else raw
+    return [(c, True) if k % 2 else (p, False) for k, (p, c) in enumerate(zip(parts, _interleave(contents, len(parts))))]
+
+
+def _interleave(contents: list[str], n: int) -> list[str]:
+    """contents aligned with re.split's output: position 2j+1 holds contents[j]."""
+    out = [""] * n
+    for j, c in enumerate(contents):
+        out[2 * j + 1] = c
+    return out

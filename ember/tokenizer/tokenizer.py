@@ -128,6 +128,17 @@ class Tokenizer:
         names = {k: self.meta.get(k) or "" for k in ("bos_token", "eos_token", "pad_token")}
         return chat.render_jinja(template, messages, add_generation_prompt, **names)
 
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Messages -> prompt ids, with the template's control tokens as special ids and every message's
+        content encoded as plain text: a user who types `<|im_end|>` gets those characters, never the
+        token (`chat.split_rendered` says how the content is located in any template's output)."""
+        pieces = chat.split_rendered(lambda msgs: self.apply_chat_template(msgs, add_generation_prompt), messages)
+        ids: list[int] = []
+        for text, is_content in pieces:
+            if text:
+                ids += self.backend.encode(text, None if is_content else "all")
+        return ids
+
     # ------------------------------------------------------------------ save / load
     def save(self, directory: str | Path) -> Path:
         """Write the tokenizer to `directory` atomically (replacing what was there)."""
