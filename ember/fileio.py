@@ -1,6 +1,8 @@
 """Atomic writes: write to a temporary sibling, fsync, then rename over the target.
 
-A crash or Ctrl-C mid-write leaves the old file (or nothing), never a half-written one.
+A crash or Ctrl-C mid-write leaves the old file (or nothing), never a half-written one. Files and
+directories get the modes the user's umask gives (mkstemp/mkdtemp alone would make them 0600/0700, so
+a teammate or a serving account could not read a checkpoint).
 """
 
 from __future__ import annotations
@@ -13,12 +15,29 @@ from pathlib import Path
 from typing import Iterator
 
 
+def umask() -> int:
+    """The process umask (read without changing it for longer than the call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(parent: str | Path, prefix: str) -> Path:
+    """A new temporary directory in `parent` (created if needed), with the umask's mode."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent))
+    os.chmod(tmp, 0o777 & ~umask())
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it is renamed to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~umask())
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -43,8 +62,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary directory next to `path`; on success it replaces `path` whole."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = make_temp_dir(path.parent, prefix=f".{path.name}.")
     try:
         yield tmp
         if path.exists():

@@ -5,6 +5,8 @@ import json
 import lzma
 import random
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -158,11 +160,16 @@ def test_empty_input_and_missing_field(tmp_path, tokenizer_dir):
         prepare(config(tmp_path / "short.txt", tmp_path / "o", tokenizer_dir))
 
 
-def test_interrupted_prepare_leaves_nothing_that_looks_valid(tmp_path, tokenizer_dir, monkeypatch):
+def _snapshot(d):
+    return {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_interrupted_prepare_keeps_the_previous_dataset(tmp_path, tokenizer_dir, monkeypatch):
     (tmp_path / "in").mkdir()
     write_inputs(tmp_path / "in")
     out = tmp_path / "out"
     prepare(config(tmp_path / "in", out, tokenizer_dir))  # a complete earlier run in the same dir
+    before = _snapshot(out)
     calls = {"n": 0}
     real = shards.write_shard
 
@@ -175,9 +182,62 @@ def test_interrupted_prepare_leaves_nothing_that_looks_valid(tmp_path, tokenizer
     monkeypatch.setattr(shards, "write_shard", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         prepare(config(tmp_path / "in", out, tokenizer_dir))
-    assert not (out / "manifest.json").exists() and not list(out.glob("*.bin")) and not list(out.glob(".*"))
-    with pytest.raises(EmberError, match="no manifest"):
-        TokenLoader(out, "train", 8, 2)
+    assert _snapshot(out) == before  # Ctrl-C mid-run: the old dataset is whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no temp dirs left beside
+    with pytest.raises(EmberError):  # a mistyped --input: nothing is touched either
+        prepare(config(tmp_path / "missing.jsonl", out, tokenizer_dir))
+    assert _snapshot(out) == before
+    TokenLoader(out, "train", 8, 2).next_batch()
+
+
+def test_rerun_replaces_only_embers_files(tmp_path, tokenizer_dir):
+    (tmp_path / "in").mkdir()
+    write_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    prepare(config(tmp_path / "in", out, tokenizer_dir))
+    (out / "notes.txt").write_text("mine")
+    (out / "train_000099.bin").write_bytes(b"an old shard the manifest does not list")
+    with pytest.raises(EmberError, match="train_000099.bin, which ember did not write"):
+        prepare(config(tmp_path / "in", out, tokenizer_dir))
+    (out / "train_000099.bin").unlink()
+    cfg = config(tmp_path / "in", out, tokenizer_dir)
+    cfg.split.shard_tokens = 50  # more, smaller shards than before
+    m = prepare(cfg)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.glob("*.bin")) == sorted(e["file"] for v in m["splits"].values() for e in v)
+    assert not list(out.glob(".*"))
+
+
+def test_out_dot_never_deletes_the_users_files(tmp_path, tokenizer_dir, monkeypatch):
+    (tmp_path / "in").mkdir()
+    write_inputs(tmp_path / "in")
+    work = tmp_path / "project"
+    work.mkdir()
+    own = {"report.json": b"my report", "manifest.json": b'{"mine": 1}', "train_000000.bin": b"my data"}
+    for name, data in own.items():
+        (work / name).write_bytes(data)
+    monkeypatch.chdir(work)
+    with pytest.raises(EmberError, match="ember did not write"):
+        prepare(config(tmp_path / "in", Path("."), tokenizer_dir))
+    assert {n: (work / n).read_bytes() for n in own} == own
+    assert sorted(p.name for p in work.iterdir()) == sorted(own)
+
+
+def test_outputs_honour_the_umask(tmp_path, tokenizer_dir):
+    import os
+    import stat
+
+    (tmp_path / "in").mkdir()
+    write_inputs(tmp_path / "in")
+    old = os.umask(0o022)
+    try:
+        prepare(config(tmp_path / "in", tmp_path / "out", tokenizer_dir))
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    for p in [out, *out.rglob("*")]:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        assert mode == (0o755 if p.is_dir() else 0o644), (p, oct(mode))
 
 
 def test_cli(tmp_path, tokenizer_dir, capsys):

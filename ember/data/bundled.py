@@ -89,8 +89,6 @@ def prepare_default(out_dir: str | Path | None = None, vocab_size: int = 4096, n
         if is_prepared(out, fp):  # another process finished it while we waited
             return out
         log(f"preparing the bundled corpus (tiny-shakespeare + KJV) into {out} ...")
-        manifest = prepare(bundled_config(out, vocab_size, num_proc))
-        manifest["bundled_fingerprint"] = fp
-        shards.write_manifest(out, manifest)
+        manifest = prepare(bundled_config(out, vocab_size, num_proc), manifest_extra={"bundled_fingerprint": fp})
         log(f"prepared: {manifest['tokens']['train']:,} train / {manifest['tokens']['val']:,} val tokens")
     return out

@@ -14,8 +14,13 @@ Stages (see ARCHITECTURE.md):
                    report.json, manifest.json (written last)
 
 Workers only see chunks and return results in order, and dedup runs in the main process in input
-order, so the output is byte-identical for any `num_proc`. The previous manifest is deleted first and
-the new one written last; if anything fails, the shards written by this run are removed.
+order, so the output is byte-identical for any `num_proc`.
+
+Nothing already written is lost: the whole dataset is built in a temporary directory beside `--out`
+and moved in only when complete (the manifest last). A failed or interrupted run leaves `--out` as it
+was. In an existing `--out`, only the files a previous ember manifest lists are replaced; a file ember
+would write that is not ember's (someone's own `manifest.json`, `report.json`, `train_*.bin`, ...)
+stops the run before any work, and other files are never touched.
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ import codecs
 import itertools
 import json
 import multiprocessing as mp
+import os
+import re
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,7 +49,7 @@ from ember.data.filters import FilterConfig, quality_reason
 from ember.data.readers import ReadConfig, ReadStats, read_documents
 from ember.data.report import Report
 from ember.errors import EmberError
-from ember.fileio import atomic_write_text
+from ember.fileio import atomic_write_text, make_temp_dir
 
 
 @dataclass
@@ -239,28 +247,77 @@ def tokenize_to_shards(cfg: PrepareConfig, tok, work: Path, out: Path, val: set[
     return {s: {"docs": docs[s], "shards": w.close()} for s, w in writers.items()}
 
 
-def _clear_previous(out: Path) -> None:
-    """Remove what a previous prepare left (manifest first, so nothing half-old looks valid)."""
-    (out / shards.MANIFEST).unlink(missing_ok=True)
-    (out / "report.json").unlink(missing_ok=True)
-    for p in itertools.chain(out.glob("train_*.bin"), out.glob("val_*.bin")):
-        p.unlink()
+def _ember_files(out: Path) -> set[str]:
+    """Names in `out` that a previous ember prepare wrote (from its manifest); empty if there is none."""
+    try:
+        m = shards.read_manifest(out)
+    except EmberError:
+        return set()
+    names = {shards.MANIFEST, "report.json", m.get("tokenizer") or "tokenizer"}
+    names |= {e["file"] for entries in m["splits"].values() for e in entries}
+    return names
 
 
-def prepare(cfg: PrepareConfig) -> dict:
-    """Run the whole pipeline into `cfg.out`; returns the manifest (with the report in it)."""
+def _foreign_files(out: Path, new: list[str] | None = None) -> list[str]:
+    """Files in `out` that ember would overwrite but did not write."""
+    if not out.is_dir():
+        return []
+    ours = _ember_files(out)
+    ember_like = re.compile(r"(train|val)_\d+\.bin|manifest\.json|report\.json|tokenizer")
+    names = new if new is not None else [p.name for p in out.iterdir() if ember_like.fullmatch(p.name)]
+    return sorted(n for n in names if (out / n).exists() and n not in ours)
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise EmberError(f"--out {out}: is a file, expected a directory. HINT: pick another --out")
+    foreign = _foreign_files(out)
+    if foreign:
+        raise EmberError(f"--out {out}: holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, which "
+                         "ember did not write (no ember manifest lists them) and would replace. HINT: choose a new "
+                         "or empty --out directory")
+    parent = out.parent if not out.exists() else out
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EmberError(f"--out {out}: {parent} is not writable. HINT: pick a directory you can write to")
+
+
+def _install(build: Path, out: Path) -> None:
+    """Move the complete dataset in `build` to `out`: old ember files out first, the manifest in last."""
+    if not out.exists():
+        os.replace(build, out)
+        return
+    new = [p.name for p in build.iterdir()]
+    foreign = _foreign_files(out, new)
+    if foreign:  # appeared while we were working
+        raise EmberError(f"--out {out}: {', '.join(foreign[:5])} appeared during the run and is not ember's "
+                         "(nothing was replaced). HINT: move those files away and run again")
+    old = Path(tempfile.mkdtemp(prefix=".prepare-old.", dir=out))
+    ours = sorted(_ember_files(out), key=lambda n: n != shards.MANIFEST)  # manifest first: nothing half-old looks valid
+    for name in ours:
+        if (out / name).exists():
+            os.replace(out / name, old / name)
+    for name in sorted(new, key=lambda n: n == shards.MANIFEST):  # manifest last: its presence marks completion
+        os.replace(build / name, out / name)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(build, ignore_errors=True)
+
+
+def prepare(cfg: PrepareConfig, manifest_extra: dict | None = None) -> dict:
+    """Run the whole pipeline into `cfg.out`; returns the manifest (with the report in it).
+
+    `manifest_extra`: more keys for manifest.json (e.g. the bundled corpus's fingerprint)."""
     from ember.config import to_dict
 
     if not cfg.input:
         raise EmberError("no --input given. HINT: pass --input FILE... (or use ember.data.bundled)")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = None
-    if cfg.tokenizer:  # load before clearing: it may live inside `out`
-        tok = get_tokenizer(cfg, out, set())
-    _clear_previous(out)
-    work = out / ".prepare.tmp"
-    shutil.rmtree(work, ignore_errors=True)
+    _check_out(out)
+    tok = get_tokenizer(cfg, out, set()) if cfg.tokenizer else None  # fail on a bad tokenizer before any work
+    out.parent.mkdir(parents=True, exist_ok=True)
+    build = make_temp_dir(out.parent, prefix=f".{out.resolve().name}.prepare.")
+    work = build / ".work"
     work.mkdir()
     report, stats, t0 = Report(), ReadStats(), time.perf_counter()
     try:
@@ -270,13 +327,13 @@ def prepare(cfg: PrepareConfig) -> dict:
             raise EmberError(f"{', '.join(cfg.input)}: empty input (no documents). HINT: check the files")
         if n_docs == 0:
             raise EmberError(f"{', '.join(cfg.input)}: every document was dropped ({report.drop_summary()}). "
-                             "HINT: loosen --filter.* thresholds or turn off --filter.enabled")
+                             f"{_dropped_hint(cfg, report)}")
         t1 = time.perf_counter()
         val = val_indices(n_docs, cfg.split)
         tok = tok or get_tokenizer(cfg, work, val)
         t2 = time.perf_counter()
-        splits = tokenize_to_shards(cfg, tok, work, out, val, n_docs)
-        tok.save(out / "tokenizer")
+        splits = tokenize_to_shards(cfg, tok, work, build, val, n_docs)
+        tok.save(build / "tokenizer")
         report.timing(clean=t1 - t0, tokenizer=t2 - t1, tokenize=time.perf_counter() - t2)
         manifest = {
             "format_version": shards.MANIFEST_VERSION, "shard_format_version": shards.VERSION,
@@ -285,13 +342,21 @@ def prepare(cfg: PrepareConfig) -> dict:
             "tokens": {s: sum(x["tokens"] for x in v["shards"]) for s, v in splits.items()},
             "docs": {s: v["docs"] for s, v in splits.items()},
             "splits": {s: v["shards"] for s, v in splits.items()},
-            "config": to_dict(cfg), "report": report.to_dict(),
+            "config": to_dict(cfg), "report": report.to_dict(), **(manifest_extra or {}),
         }
-        atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
-        shards.write_manifest(out, manifest)  # last: its presence marks a complete dataset
+        shutil.rmtree(work)
+        atomic_write_text(build / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
+        shards.write_manifest(build, manifest)
+        _install(build, out)
         return manifest
-    except BaseException:
-        _clear_previous(out)
-        raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    finally:  # after a successful install `build` is gone; otherwise it is this run's partial work
+        shutil.rmtree(build, ignore_errors=True)
+
+
+def _dropped_hint(cfg: PrepareConfig, report: Report) -> str:
+    hint = "HINT: loosen --filter.* thresholds or turn off --filter.enabled"
+    txt = [p for p in cfg.input if Path(p).suffix in (".txt", ".md") or str(p).endswith((".txt.gz", ".txt.xz"))]
+    if txt and not cfg.txt_separator and report.dropped.get("max_words"):
+        hint += ("; a .txt file is one document unless --txt-separator is set (e.g. --txt-separator '\\n\\n' "
+                 "for one document per paragraph)")
+    return hint
