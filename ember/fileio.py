@@ -75,3 +75,33 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_out_dir(out: str | Path, overwrite: bool = False, sources: tuple = (), flag: str = "--out") -> Path:
+    """Refuse an output directory that would lose data, before any work is done.
+
+    It must not be a file; it must be new or empty unless `overwrite`; it must neither be, contain nor
+    lie inside any of `sources` (replacing it would delete them); its nearest existing parent must be
+    writable.
+    """
+    from ember.errors import EmberError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise EmberError(f"{flag} {out}: is a file, expected a directory. HINT: choose a new {flag} directory")
+    o = out.resolve()
+    for src in sources:
+        s = Path(src).resolve()
+        if o == s or s.is_relative_to(o) or o.is_relative_to(s):
+            rel = "is" if o == s else ("contains" if s.is_relative_to(o) else "is inside")
+            raise EmberError(f"{flag} {out}: {rel} the source {src}; writing there would delete it. "
+                             f"HINT: choose a {flag} directory outside {src}")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise EmberError(f"{flag} {out}: already exists and is not empty; refusing to replace it. "
+                         f"HINT: choose a new {flag} directory, or add --overwrite")
+    parent = o
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EmberError(f"{flag} {out}: {parent} is not writable. HINT: choose a directory you can write to")
+    return out

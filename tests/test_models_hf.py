@@ -180,6 +180,17 @@ def test_ember_to_hf_logits_match(case, tmp_path):
 
 
 # ------------------------------------------------------------------------------- files
+def test_convert_refuses_an_out_that_would_delete_the_source(tmp_path, capsys):
+    model = Transformer(preset("tiny"))
+    runs = tmp_path / "runs"
+    save_checkpoint(model, runs / "ckpt")
+    save_checkpoint(model, runs / "sibling")
+    for out in (runs, runs / "ckpt" / "hf"):
+        assert cli.main(["convert", "--to-hf", str(runs / "ckpt"), "--out", str(out), "--overwrite"]) == 1
+        assert "writing there would delete it" in capsys.readouterr().err
+    assert load_checkpoint(runs / "ckpt")[0] is not None and load_checkpoint(runs / "sibling")[0] is not None
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_file_round_trip_through_the_cli(case, tmp_path):
     hf = _hf_model(case)

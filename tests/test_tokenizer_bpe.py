@@ -152,3 +152,24 @@ def test_cli_tokenizer_train(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "missing.txt: no such input file" in err and "Traceback" not in err
     assert Tokenizer.load(out).vocab_size == 320  # a failed run leaves the old tokenizer in place
+
+
+def test_cli_tokenizer_train_never_replaces_silently(tmp_path, capsys):
+    from ember.cli import main
+
+    data = tmp_path / "corpus.txt"
+    data.write_text("".join(_texts(300, seed=6)))
+    out = tmp_path / "tok"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    args = ["tokenizer", "train", "--input", str(data), "--vocab-size", "320", "--out", str(out), "--no-progress"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "already exists and is not empty" in err and "--overwrite" in err
+    assert (out / "precious.txt").read_text() == "keep me"
+    assert main(args + ["--overwrite"]) == 0
+    assert Tokenizer.load(out).vocab_size == 320
+    assert main(["tokenizer", "train", "--input", str(tmp_path), "--out", str(tmp_path / "t2")]) == 1
+    assert "is a directory, expected a file" in capsys.readouterr().err
+    assert main(["tokenizer", "train", "--input", str(data), "--out", str(data)]) == 1
+    assert "is a file, expected a directory" in capsys.readouterr().err

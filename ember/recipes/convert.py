@@ -59,14 +59,10 @@ def main(cfg: Config) -> int:
                          "HINT: ember convert --from-hf HF_DIR --out DIR, or ember convert --to-hf DIR --out HF_DIR")
     if not cfg.out:
         raise EmberError("--out is required. HINT: add --out NEW_DIR")
+    from ember.fileio import check_out_dir
+
     src, out = Path(cfg.from_hf or cfg.from_gguf or cfg.to_hf), Path(cfg.out)
-    if out.resolve() == src.resolve():
-        raise EmberError(f"{out}: --out is the source directory. HINT: write to a new directory")
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not cfg.overwrite:
-        raise EmberError(f"{out}: already exists and is not empty; refusing to replace it. "
-                         "HINT: choose a new --out directory, or add --overwrite")
-    if out.exists() and not out.is_dir():
-        raise EmberError(f"{out}: is a file, expected a directory. HINT: choose a new --out directory")
+    check_out_dir(out, cfg.overwrite, sources=(src,))
     if cfg.from_hf is not None:
         from_hf(src, out, DTYPES[cfg.dtype])
     elif cfg.from_gguf is not None:

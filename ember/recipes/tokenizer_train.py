@@ -24,7 +24,9 @@ class Config:
     input: list[str] = dataclasses.field(default_factory=list)
     """input files: .txt (one text per line) or .jsonl (one JSON object per line), optionally .xz/.gz/.bz2"""
     out: str = "runs/tokenizer"
-    """output directory (replaced atomically)"""
+    """output directory (must be new or empty unless --overwrite)"""
+    overwrite: bool = False
+    """replace an existing, non-empty --out (atomically: the old one stays until the new one is complete)"""
     vocab_size: int = 8192
     """vocabulary size, including the 256 byte tokens and the special tokens"""
     text_field: str = "text"
@@ -46,12 +48,17 @@ def main(cfg: Config) -> int:
 
     if not cfg.input:
         raise EmberError("--input: no input files given, expected one or more .txt/.jsonl files")
+    from ember.fileio import check_out_dir
+
     paths = [Path(p) for p in cfg.input]
     for p in paths:
+        if p.is_dir():
+            raise EmberError(f"{p}: is a directory, expected a file. HINT: list its files, e.g. --input {p}/*.txt")
         if not p.is_file():
             raise EmberError(f"{p}: no such input file. HINT: check the --input paths")
         if p.stat().st_size == 0:
             raise EmberError(f"{p}: the input file is empty, expected text")
+    check_out_dir(cfg.out, cfg.overwrite, sources=tuple(paths))
     total = sum(p.stat().st_size for p in paths)
     log(f"training BPE: vocab_size={cfg.vocab_size}, pattern={cfg.pattern}, {len(paths)} file(s), {total / 1e6:.1f} MB on disk")
     t0 = time.perf_counter()
