@@ -3,7 +3,7 @@
 Precedence, in one sentence: dataclass defaults < the YAML file given with `--config FILE`
 < `--a.b=value` flags on the command line.
 
-* YAML is read with `yaml.safe_load` and converted *strictly*: an unknown key or a value of the
+* YAML is read with a `yaml.SafeLoader` (no code, no Python objects; a key given twice is an error) and converted *strictly*: an unknown key or a value of the
   wrong type is a `ConfigError` naming the file and the dotted key (with a "did you mean").
 * The command line is parsed by `tyro`, which gives dotted flags (`--train.lr=1e-3`, hyphens or
   underscores), help from the dataclasses' attribute docstrings and typo suggestions.
@@ -86,6 +86,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -121,13 +126,33 @@ def replace(obj: T, **changes: Any) -> T:
 
 
 # ---------------------------------------------------------------------------- YAML
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (no code, no Python objects) that refuses a key given twice in one mapping."""
+
+
+def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: key '{key}' is given twice (first on line "
+                              f"{seen[key]}); the later one would silently win. HINT: keep one")
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
 def load_yaml(path: str | Path, cls: type[T]) -> T:
     """Read a YAML run file into `cls`; errors name the file and the key."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

@@ -230,3 +230,19 @@ def test_model_config_round_trips_through_yaml(tmp_path):
     assert back == cfg and isinstance(back.model.rope_scaling, RopeScaling)
     with pytest.raises(ConfigError, match=r"model.rope_scaling.factr.*did you mean 'model.rope_scaling.factor'"):
         from_dict(WithModel, {"model": {"rope_scaling": {"factr": 2.0}}})
+
+
+def test_yaml_numeric_strings_for_floats_and_duplicate_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  optim:\n    lr: 1e-3\n    betas: [9e-1, 0.95]\n")  # YAML 1.1: '1e-3' is a string
+    cfg = load_yaml(path, Cfg)
+    assert cfg.train.optim.lr == 1e-3 and cfg.train.optim.betas == (0.9, 0.95)
+    path.write_text("train:\n  optim:\n    lr: fast\n")
+    with pytest.raises(ConfigError, match="train.optim.lr.*expected float"):
+        load_yaml(path, Cfg)
+    path.write_text("train:\n  steps: 5\n  compile: true\n  steps: 7\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: line 4: key 'steps' is given twice \(first on line 2\)"):
+        load_yaml(path, Cfg)
+    path.write_text("!!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(path, Cfg)
