@@ -53,7 +53,7 @@ def hf_from_checkpoint(path: str):
     """(HF model with an ember checkpoint's weights, HF model type): the reference for real weights."""
     import transformers
 
-    from ember.train.checkpoint import load_checkpoint
+    from ember.io.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(path)
     model_type = hfconv.hf_model_type(model.cfg)

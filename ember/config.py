@@ -18,7 +18,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Optional, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -112,8 +112,67 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         kwargs[key] = _convert(value, hints[key], prefix + key)
     try:
         return cls(**kwargs)
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+        msg = str(e)
+        where = prefix.rstrip(".") or cls.__name__
+        raise ConfigError(msg if msg.startswith(where + ".") else f"{where}: {msg}") from None
+
+
+# ---------------------------------------------------------------------------- derived override dataclasses
+def attribute_docs(cls: type) -> dict[str, str]:
+    """{field: the docstring written under it} of a dataclass (the convention every ember config follows)."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def overrides_of(cls: type, name: str, doc: str) -> type:
+    """A dataclass with every field of dataclass `cls` as Optional[...] = None ("keep the base value"),
+    documented with `cls`'s own attribute docstrings; nested dataclass fields become nested overrides.
+    So every field of `cls` is reachable from the command line, and documented once (in `cls`)."""
+    from typing_extensions import Annotated, Doc
+
+    hints, docs = get_type_hints(cls), attribute_docs(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        inner = [a for a in get_args(tp) if a is not type(None)] if get_origin(tp) in (Union, types.UnionType) else [tp]
+        help_text = docs.get(f.name, "") + " (unset = the base value)"
+        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+            sub = overrides_of(inner[0], f"{inner[0].__name__}Overrides", inner[0].__doc__ or "")
+            fields.append((f.name, Annotated[sub, Doc(help_text)], dataclasses.field(default_factory=sub)))
+        else:
+            fields.append((f.name, Annotated[Optional[tp], Doc(help_text)], dataclasses.field(default=None)))
+    out = dataclasses.make_dataclass(name, fields)
+    out.__doc__ = doc
+    out.__module__ = cls.__module__
+    return out
+
+
+def set_overrides(overrides: Any) -> dict:
+    """The fields an overrides dataclass sets, as a (nested) dict; unset fields and empty nests left out."""
+    out = {}
+    for f in dataclasses.fields(overrides):
+        v = getattr(overrides, f.name)
+        if dataclasses.is_dataclass(v):
+            v = set_overrides(v) or None
+        if v is not None:
+            out[f.name] = v
+    return out
 
 
 def to_dict(obj: Any) -> dict:
@@ -226,4 +285,7 @@ def parse(cls: type[T], argv: list[str] | None = None, prog: str = "ember", desc
     desc = (description or cls.__doc__ or "").strip()
     if desc:
         desc += "\n\nPrecedence: defaults < --config FILE (YAML) < --a.b=value flags."
-    return tyro.cli(cls, args=rest, default=base, prog=prog, description=desc)
+    try:
+        return tyro.cli(cls, args=rest, default=base, prog=prog, description=desc)
+    except ValueError as e:  # a __post_init__ check of a config dataclass (the message names the field)
+        raise ConfigError(str(e)) from None

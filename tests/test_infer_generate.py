@@ -162,7 +162,7 @@ def _hf_tiny(kind, tmp_path):
     """A tiny random HF model saved to disk and converted with `ember convert --from-hf`."""
     transformers = pytest.importorskip("transformers")
     from ember import cli
-    from ember.train.checkpoint import load_checkpoint
+    from ember.io.checkpoint import load_checkpoint
 
     torch.manual_seed(0)
     if kind == "gpt2":

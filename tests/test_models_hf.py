@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from ember import cli  # noqa: E402
 from ember.models import ModelConfig, RopeScaling, Transformer, from_state_dict, preset  # noqa: E402
 from ember.models import hf as hfconv  # noqa: E402
-from ember.train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from ember.io.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
 V, T = 101, 40
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -216,7 +216,7 @@ def test_dcp_sharded_checkpoint_loads_into_one_process_and_exports(launched, tmp
     """2 -> 1 reshard: the FSDP2 checkpoint (ember.train.state, DCP) loads into a plain model and
     optimizer exactly; training continues with the 2-process run's next loss; both exports (from the
     live sharded model and from the checkpoint) give the same plain safetensors checkpoint."""
-    from ember.train.checkpoint import load_checkpoint
+    from ember.io.checkpoint import load_checkpoint
     from ember.train.state import export_to_safetensors, load_train_state
 
     run_dir = Path(launched["_dir"]) / "dcp_run"

@@ -19,7 +19,7 @@ from ember.infer.generate import generate as generate_ids
 from ember.infer.sample import SamplingParams
 from ember.models import Transformer, preset
 from ember.tokenizer import Tokenizer, train_bpe
-from ember.train.checkpoint import CheckpointError, save_checkpoint
+from ember.io.checkpoint import CheckpointError, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ["the quick brown fox jumps over the lazy dog. ", "hello world, hello there! ", "once upon a time "]

@@ -83,7 +83,7 @@ def test_unknown_preset_and_bad_seq_len():
 
 
 def test_checkpoint_dir(tmp_path, capsys):
-    ckpt = pytest.importorskip("ember.train.checkpoint")
+    ckpt = pytest.importorskip("ember.io.checkpoint")
     cfg = preset("tiny-llama", n_layer=3)
     model = Transformer(cfg)
     model.init_weights(0)

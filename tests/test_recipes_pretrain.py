@@ -8,7 +8,9 @@ import torch
 
 from ember.cli import main as cli
 from ember.errors import EmberError
-from ember.recipes.pretrain import Config, build_model_config, pad_vocab, unigram_entropy
+from ember.data.stats import unigram_entropy
+from ember.models import pad_vocab
+from ember.recipes.pretrain import Config, build_model_config
 
 
 def tiny_args(data_dir, run_dir, *extra):
@@ -33,7 +35,7 @@ def test_pretrain_end_to_end_and_plot(tiny_data, tmp_path, capsys):
     assert result["step"] == 8 and result["unigram_entropy"] > 0
 
     from ember.tokenizer import Tokenizer
-    from ember.train.checkpoint import load_checkpoint
+    from ember.io.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(run / "final")
     assert model.cfg.vocab_size == 512 and model.cfg.n_layer == 2 and meta["extra"]["step"] == 8

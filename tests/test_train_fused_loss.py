@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from ember.models import Transformer, preset
-from ember.train.fused_loss import can_fuse, fused_lm_loss, fused_linear_cross_entropy, model_loss
-from ember.train.loop import lm_loss
-from ember.train.loss import IGNORE_INDEX, cross_entropy
+from ember.train.fused_loss import can_fuse, fused_linear_cross_entropy
+from ember.train.loss import IGNORE_INDEX, LMLoss, LossConfig, cross_entropy, model_loss
 
 
 def _grads(params):
@@ -58,13 +57,17 @@ def test_model_loss_matches_forward_and_cross_entropy(name):
     y = torch.randint(0, model.cfg.vocab_size, (2, 24))
     assert can_fuse(model)
     torch.testing.assert_close(model.output(model.hidden_states(x)), model(x), rtol=0, atol=0)
-    ref, n_ref = lm_loss(model, (x, y))
+    y[0, :5] = IGNORE_INDEX
+    plain = LMLoss(LossConfig(fused=False))(model, (x, y))
+    ref = plain.loss
     ref.backward()
     g_ref = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    loss, n = fused_lm_loss(model, (x, y))
+    fused = LMLoss(LossConfig(fused=True))(model, (x, y))
+    loss = fused.loss
     loss.backward()
-    assert n == n_ref
+    assert fused.weight == plain.weight == 2 * 24 - 5  # ignored targets are not counted
+    torch.testing.assert_close(ref, cross_entropy(model(x), y, reduction="sum"))
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
     for k, p in model.named_parameters():
         torch.testing.assert_close(p.grad, g_ref[k], rtol=1e-4, atol=1e-6, msg=k)

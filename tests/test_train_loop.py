@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ember.models import Transformer, preset
-from ember.train.loop import NonFiniteLoss, TrainConfig, Trainer, lm_loss
+from ember.train.loop import NonFiniteLoss, TrainConfig, Trainer
+from ember.train.loss import IGNORE_INDEX, LMLoss, LossConfig, LossOutput
 from ember.train.optim import build_optimizer, build_scheduler
 
 
@@ -38,15 +39,15 @@ class SyntheticLoader:
         self.i = sd["i"]
 
 
-def make_trainer(tmp_path=None, batch_size=4, accum=1, **train_kw):
+def make_trainer(tmp_path=None, batch_size=4, accum=1, fused_loss=True, loader=None, loss_fn=None, **train_kw):
     cfg = TrainConfig(**{**dict(max_steps=5, batch_size=batch_size, grad_accum_steps=accum, lr=3e-3, warmup_steps=2,
                                 eval_every=0, eval_batches=2, log_every=100, seed=0), **train_kw})
     model = Transformer(preset("tiny"))
     model.init_weights(cfg.seed)
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
     sched = build_scheduler(opt, cfg)
-    return Trainer(model, opt, sched, SyntheticLoader(batch_size), SyntheticLoader(batch_size, seed=1), cfg,
-                   run_dir=tmp_path)
+    return Trainer(model, opt, sched, loader or SyntheticLoader(batch_size), SyntheticLoader(batch_size, seed=1), cfg,
+                   run_dir=tmp_path, loss_fn=loss_fn or LMLoss(LossConfig(fused=fused_loss)))
 
 
 # Recorded once with torch 2.13.0+cpu (fp32, 1 thread or 2 gives the same to 1e-4). To regenerate after an
@@ -65,7 +66,9 @@ def test_grad_accumulation_equals_full_batch(fused):
     # as ~1e-3 * lr in the parameters: a small lr keeps the comparison at 1e-6. The fused loss sums the
     # head's gradient over row chunks whose boundaries differ between B=4 and 2 x B=2, so for it the
     # gradients are compared (1e-7) but not the parameters after Adam's sign-like first step.
-    kw = dict(max_steps=1, lr=5e-4, warmup_steps=0, fused_loss=fused)
+    # (lr 1e-4: a gradient near Adam's eps, ~2e-8 here, turns a 1% summation-order difference into
+    # ~3e-3 * lr of update difference, so 5e-4 exceeded 1e-6)
+    kw = dict(max_steps=1, lr=1e-4, warmup_steps=0, fused_loss=fused)
     full = make_trainer(batch_size=4, accum=1, **kw)
     acc = make_trainer(batch_size=2, accum=2, **kw)
     grads = {}
@@ -88,13 +91,123 @@ def test_grad_accumulation_equals_full_batch(fused):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), name
 
 
+class MaskedLoader(SyntheticLoader):
+    """SyntheticLoader whose targets are -100 on an uneven, sample-dependent prefix (prompt-masked SFT)."""
+
+    def next_batch(self):
+        start = self.i
+        x, y = super().next_batch()
+        for b in range(len(y)):
+            y[b, : (7 * (start + b)) % (self.T - 2)] = IGNORE_INDEX
+        return x, y
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain-loss", "fused-loss"])
+def test_uneven_masks_under_accumulation_equal_one_big_batch(fused):
+    """Micro-batches with different numbers of valid targets weigh what they hold: 2 x B=2 == 1 x B=4."""
+    kw = dict(max_steps=1, lr=1e-4, warmup_steps=0, fused_loss=fused)
+    full = make_trainer(batch_size=4, accum=1, loader=MaskedLoader(4), **kw)
+    acc = make_trainer(batch_size=2, accum=2, loader=MaskedLoader(2), **kw)
+    x, y = MaskedLoader(4).next_batch()
+    counts = [(y[:2] != IGNORE_INDEX).sum().item(), (y[2:] != IGNORE_INDEX).sum().item()]
+    assert counts[0] != counts[1]  # the case the old per-micro-batch mean got wrong
+    grads = {}
+    for name, tr in (("full", full), ("acc", acc)):
+        step = tr.optimizer.step
+
+        def record(*a, _tr=tr, _name=name, _step=step, **k):
+            grads[_name] = [p.grad.clone() for p in _tr.model.parameters()]
+            return _step(*a, **k)
+
+        tr.optimizer.step = record
+    r_full, r_acc = full.train_step(), acc.train_step()
+    assert r_full["loss"] == pytest.approx(r_acc["loss"], rel=1e-6)  # fp32 sums of ~600 nats
+    for a, b in zip(grads["full"], grads["acc"]):
+        assert torch.allclose(a, b, atol=1e-7, rtol=1e-5)
+    # the old normalisation (mean of each micro-batch, divided by the number of micro-batches) differs
+    model = Transformer(preset("tiny"))
+    model.init_weights(0)
+    lm = LMLoss(LossConfig(fused=fused))
+    old = sum(lm(model, (x[i:i + 2], y[i:i + 2])).loss / c / 2 for i, c in zip((0, 2), counts))
+    new = lm(model, (x, y)).loss / sum(counts)
+    assert abs(old.item() - new.item()) > 1e-3
+
+
+class PairLoss:
+    """A DPO-shaped objective over dict batches: units are pairs; metrics are summed per pair."""
+
+    def weight(self, batch):
+        return float(batch["chosen"].shape[0])
+
+    def __call__(self, model, batch):
+        def logp(ids):
+            return -torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten(),
+                                                      reduction="none").view(len(ids), -1).sum(-1)
+
+        margin = logp(batch["chosen"]) - logp(batch["rejected"])  # (pairs,)
+        loss = -torch.nn.functional.logsigmoid(0.1 * margin)
+        return LossOutput(loss.sum(), self.weight(batch), {"accuracy": (margin > 0).float().sum(),
+                                                            "margin": margin.detach().sum()})
+
+
+class PairLoader:
+    def __init__(self, batch_size, seed=0):
+        self.B, self.i, self.seed = batch_size, 0, seed
+
+    def next_batch(self):
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.i)
+        self.i += 1
+        return {"chosen": torch.randint(0, 512, (self.B, 12), generator=g),
+                "rejected": torch.randint(0, 512, (self.B, 12), generator=g)}
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, sd):
+        self.i = sd["i"]
+
+
+def test_dict_batch_objective_and_frozen_model(tmp_path):
+    """A preference-style loss over dict batches trains through the Trainer; a frozen model given as
+    `frozen=` stays unchanged, in eval mode, out of the optimizer and out of the checkpoint."""
+    cfg = TrainConfig(max_steps=3, batch_size=2, grad_accum_steps=2, lr=1e-3, warmup_steps=0, eval_every=0,
+                      eval_batches=2, log_every=1)
+    model = Transformer(preset("tiny", dropout=0.1))
+    model.init_weights(0)
+    ref = Transformer(preset("tiny", dropout=0.1))
+    ref.init_weights(0)
+    ref.train()
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    opt = build_optimizer(model, cfg.lr)
+    tr = Trainer(model, opt, build_scheduler(opt, cfg), PairLoader(2), PairLoader(2, seed=1), cfg,
+                 loss_fn=PairLoss(), frozen={"reference": ref}, run_dir=tmp_path)
+    out = tr.train_step()
+    assert {"loss", "accuracy", "margin"} <= set(out) and 0 <= out["accuracy"] <= 1
+    assert not ref.training and all(not p.requires_grad for p in ref.parameters())
+    tr.fit()
+    assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())
+    ev = tr.evaluate()
+    assert set(ev) == {"loss", "accuracy", "margin"}  # no perplexity: that is an LM metric
+    path = tr.save()
+    from ember.io.safe import load_dcp_metadata
+
+    keys = load_dcp_metadata(path / "dcp" / ".metadata").state_dict_metadata
+    assert any(k.startswith("model.") for k in keys)
+    n_model = sum(1 for k in keys if k.startswith("model."))
+    assert n_model == len(model.state_dict())  # the policy only; the reference is not saved
+    with pytest.raises(Exception, match="shares parameters"):
+        Trainer(model, opt, build_scheduler(opt, cfg), PairLoader(2), None, cfg, loss_fn=PairLoss(),
+                frozen={"oops": model})
+
+
 def _nan_after(step_to_fail):
     calls = {"n": 0}
+    lm = LMLoss()
 
     def loss_fn(model, batch):
         calls["n"] += 1
-        loss, n = lm_loss(model, batch)
-        return (loss * float("nan") if calls["n"] == step_to_fail else loss), n
+        out = lm(model, batch)
+        return LossOutput(out.loss * float("nan") if calls["n"] == step_to_fail else out.loss, out.weight)
 
     return loss_fn
 
@@ -122,7 +235,7 @@ def test_nan_skip_skips_the_update():
 
 def test_nan_skip_gives_up_after_max_consecutive():
     tr = make_trainer(on_nan="skip", max_consecutive_skips=2)
-    tr.loss_fn = lambda m, b: (lm_loss(m, b)[0] * float("nan"), 1)
+    tr.loss_fn = lambda m, b: LossOutput(LMLoss()(m, b).loss * float("nan"), LMLoss().weight(b))
     with pytest.raises(NonFiniteLoss, match="in a row"):
         tr.fit()
 

@@ -73,7 +73,7 @@ def test_fsdp2_two_process_resume_and_load_into_one(tmp_path):
     from ember.cli import main as cli
     from ember.data.bundled import ASSETS
     from ember.data.pipeline import PrepareConfig, prepare
-    from ember.train.checkpoint import load_checkpoint
+    from ember.io.checkpoint import load_checkpoint
 
     lines = lzma.open(ASSETS / "tinyshakespeare.jsonl.xz", "rt").read().splitlines()[:40]
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")

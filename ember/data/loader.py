@@ -14,6 +14,8 @@ Sampling scheme (T = block_size, B = batch_size, R = dp_size, r = dp_rank):
 * Each rank's stream is its epoch-0 list, then its epoch-1 list, ...; a batch is the next B windows of
   the stream (a batch may straddle an epoch boundary). The whole state is (epoch, position), so
   `state_dict()` / `load_state_dict()` continue exactly the same sequence.
+* Shards are checked when first opened (`verify=True`: header digest, the manifest's sha256, every id
+  below vocab_size); with `verify=False` each batch's ids are still checked against the vocabulary.
 * `iter_eval(max_batches)` is fixed: shift 0, windows in file order, strided by rank, first
   `max_batches` batches; every call yields the same batches.
 """
@@ -36,7 +38,7 @@ class TokenLoader:
     """Batches of (inputs (B, T) int64, targets (B, T) int64) from a prepared data dir."""
 
     def __init__(self, data_dir: str | Path, split: str, block_size: int, batch_size: int,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0):
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, verify: bool = True):
         if not 0 <= dp_rank < dp_size:
             raise EmberError(f"TokenLoader: dp_rank {dp_rank} not in [0, {dp_size}). HINT: check the parallel dims")
         if block_size < 1 or batch_size < 1:
@@ -48,7 +50,9 @@ class TokenLoader:
         self.vocab_size: int = self.manifest["vocab_size"]
         self.eos_id: int = self.manifest["eos_id"]
         self.tokenizer_dir = self.data_dir / self.manifest.get("tokenizer", "tokenizer")
-        self.shards = [self._open(e) for e in shards.split_files(self.data_dir, split, self.manifest)]
+        self.verify = verify
+        self.files = shards.split_files(self.data_dir, split, self.manifest)
+        self.shards = [self._open(e) for e in self.files]
         self.lengths = np.array([len(s) for s in self.shards], np.int64)
         if self.lengths.sum() < block_size + 1 or self._windows_per_shard(0).sum() < dp_size:
             raise EmberError(f"{self.data_dir}: split '{split}' has {int(self.lengths.sum()):,} tokens, too few for "
@@ -58,7 +62,8 @@ class TokenLoader:
         self._order_epoch, self._order = -1, np.empty((0, 2), np.int64)
 
     def _open(self, entry: dict) -> np.memmap:
-        tokens = shards.read_shard(self.data_dir / entry["file"])
+        """Memory-map one shard; with `verify` (the default) read it once to check checksums and ids."""
+        tokens = shards.read_shard(self.data_dir / entry["file"], verify=self.verify, sha256=entry.get("sha256"))
         if len(tokens) != entry["tokens"]:
             raise EmberError(f"{self.data_dir / entry['file']}: {len(tokens)} tokens, manifest says "
                              f"{entry['tokens']}. {shards.HINT}")
@@ -95,6 +100,9 @@ class TokenLoader:
     def _gather(self, places: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         T = self.block_size
         buf = np.stack([np.asarray(self.shards[s][o:o + T + 1], dtype=np.int64) for s, o in places.tolist()])  # (B, T+1)
+        if int(buf.max()) >= self.vocab_size:  # unverified shards: never let a bad id reach the embedding
+            for (s, o), row in zip(places.tolist(), buf):
+                shards.check_ids(row, self.vocab_size, self.data_dir / self.files[s]["file"], start=o)
         t = torch.from_numpy(buf)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()  # (B, T), (B, T)
 

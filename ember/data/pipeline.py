@@ -65,6 +65,14 @@ class SplitConfig:
     shard_tokens: int = 10_000_000
     """Tokens per shard file (the last shard of a split may be shorter)."""
 
+    def __post_init__(self) -> None:
+        if self.shard_tokens < 1:
+            raise ValueError(f"split.shard_tokens={self.shard_tokens}: expected at least 1 token per shard")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"split.val_fraction={self.val_fraction}: expected a fraction in [0, 1)")
+        if self.min_val_docs < 0:
+            raise ValueError(f"split.min_val_docs={self.min_val_docs}: expected a count >= 0")
+
 
 @dataclass
 class PrepareConfig:
@@ -96,6 +104,14 @@ class PrepareConfig:
     filter: FilterConfig = field(default_factory=FilterConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+
+    def __post_init__(self) -> None:
+        if self.chunk_docs < 1:
+            raise ValueError(f"chunk_docs={self.chunk_docs}: expected at least 1 document per work item")
+        if self.num_proc < 1:
+            raise ValueError(f"num_proc={self.num_proc}: expected at least 1 process")
+        if self.vocab_size < 260:
+            raise ValueError(f"vocab_size={self.vocab_size}: expected at least 260 (256 bytes + special tokens)")
 
     def read_config(self) -> ReadConfig:
         sep = self.txt_separator

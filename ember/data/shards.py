@@ -86,13 +86,42 @@ def read_header(path: str | Path) -> dict:
             "vocab_size": vocab, "eos_id": eos, "digest": digest}
 
 
-def read_shard(path: str | Path, verify: bool = False) -> np.ndarray:
-    """Memory-map a shard's tokens (read-only); `verify=True` also checks the token digest."""
+def read_shard(path: str | Path, verify: bool = False, sha256: str | None = None) -> np.ndarray:
+    """Memory-map a shard's tokens (read-only).
+
+    `verify=True` also reads the file once: the header's token digest must match, every id must be below
+    the header's vocab size, and (given the manifest's `sha256`) the whole file's hash must match."""
     h = read_header(path)
     tokens = np.memmap(path, dtype=h["dtype"], mode="r", offset=HEADER_SIZE, shape=(h["count"],))
-    if verify and _digest(tokens) != h["digest"]:
-        raise EmberError(f"{path}: token checksum mismatch (the file is corrupt). {HINT}")
+    if verify:
+        if _digest(tokens) != h["digest"]:
+            raise EmberError(f"{path}: token checksum mismatch (the file is corrupt). {HINT}")
+        if sha256 is not None and _file_sha256(path) != sha256:
+            raise EmberError(f"{path}: sha256 differs from the manifest's (the file was changed or replaced). {HINT}")
+        check_ids(tokens, h["vocab_size"], path)
     return tokens
+
+
+def _file_sha256(path: str | Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def check_ids(tokens: np.ndarray, vocab_size: int, path: str | Path, start: int = 0) -> None:
+    """Every id < vocab_size, else an error naming the file and the token offset of the first bad id."""
+    if len(tokens) and int(tokens.max()) >= vocab_size:
+        i = int(np.argmax(np.asarray(tokens) >= vocab_size))
+        raise EmberError(f"{path}: token {start + i} is id {int(tokens[i])}, outside the vocabulary (vocab_size "
+                         f"{vocab_size}): the shard is corrupt or belongs to another tokenizer. {HINT}")
+
+
+def tokenizer_dir(data_dir: str | Path) -> Path | None:
+    """The tokenizer directory a prepared dataset records (None when it has none)."""
+    tok = read_manifest(data_dir).get("tokenizer")
+    return (Path(data_dir) / tok) if tok and (Path(data_dir) / tok).is_dir() else None
 
 
 class ShardWriter:

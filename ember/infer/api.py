@@ -68,7 +68,7 @@ def check_vocab(tokenizer: Any, model: torch.nn.Module) -> None:
 def load(checkpoint: Union[str, Path], device: str = "cpu", dtype: Union[str, torch.dtype, None] = None,
          tokenizer: Union[str, Path, Any, None] = None) -> tuple[torch.nn.Module, Any]:
     """(model in eval mode, tokenizer) from a checkpoint directory; errors are `CheckpointError`/`EmberError`."""
-    from ember.train.checkpoint import load_checkpoint
+    from ember.io.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(checkpoint, device=device, dtype=parse_dtype(dtype))
     tok = load_tokenizer(checkpoint, meta, tokenizer)

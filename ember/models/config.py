@@ -171,3 +171,8 @@ def preset(name: str, **overrides) -> ModelConfig:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise KeyError(f"unknown model preset '{name}'{hint}; presets: {', '.join(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def pad_vocab(n: int, multiple: int = 64) -> int:
+    """Embedding rows for a tokenizer of n tokens: rounded up to a multiple (GEMM-friendly shapes)."""
+    return multiple * -(-n // multiple)

@@ -8,7 +8,7 @@ An HF directory holds config.json and model.safetensors (a sharded model.safeten
 pytorch_model.bin read with torch.load(weights_only=True), are accepted on import). Tokenizer files
 (tokenizer.json, vocab.json, merges.txt, ...) travel along: into `<DIR>/tokenizer/` on import and back
 next to the weights on export. Round trips are bit-exact in float32 (the default --dtype).
-A GGUF file is dequantized to float32 (infer/gguf.py); its tokenizer and chat template become
+A GGUF file is dequantized to float32 (io/gguf.py); its tokenizer and chat template become
 `<DIR>/tokenizer/tokenizer.json` and `tokenizer_config.json`.
 """
 
@@ -28,7 +28,8 @@ from ember.fileio import atomic_dir
 from ember.log import log
 from ember.models import ModelConfig
 from ember.models import hf as hfconv
-from ember.train.checkpoint import META, TOKENIZER, CheckpointError, load_checkpoint, save_state_dict
+from ember.io.checkpoint import META, TOKENIZER, load_checkpoint, save_state_dict
+from ember.io.hf import read_hf_config, read_hf_weights
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "tokenizer.model", "chat_template.jinja", "generation_config.json")
@@ -84,7 +85,7 @@ def from_hf(hf_dir: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path
 
 def from_gguf(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
     """Convert a llama.cpp GGUF file (Llama architecture) into an ember checkpoint at `out`."""
-    from ember.infer import gguf
+    from ember.io import gguf
 
     hf_cfg, weights, tok_files = gguf.read_gguf(path)
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,60 +116,6 @@ def _save_llm(hf_cfg: dict, read_weights: Callable[[], dict], src: Path, cfg_whe
     save_state_dict(sd, cfg, out, tokenizer_dir=tok_dir, extra={"hf": source, **extra})
     _summary(src, out, cfg, dtype, [out / "model.safetensors", out / META] + _listing(out / TOKENIZER))
     return out
-
-
-def read_hf_config(hf_dir: Path) -> dict:
-    if not hf_dir.is_dir():
-        raise EmberError(f"{hf_dir}: Hugging Face model directory not found. HINT: check the path")
-    path = hf_dir / "config.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise EmberError(f"{path}: missing. HINT: a Hugging Face model directory holds config.json "
-                         "(save it with model.save_pretrained(dir))") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EmberError(f"{path}: not valid JSON ({e}). HINT: re-download or re-save the model") from None
-    if not isinstance(data, dict):
-        raise EmberError(f"{path}: expected a JSON object. HINT: re-download or re-save the model")
-    return data
-
-
-def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of an HF directory: safetensors (single or sharded) or pytorch_model.bin (weights_only)."""
-    for name, loader in (("model.safetensors", _load_safetensors), ("pytorch_model.bin", _load_bin)):
-        if (hf_dir / name).is_file():
-            return loader(hf_dir / name)
-        index = hf_dir / f"{name}.index.json"
-        if index.is_file():
-            try:
-                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError) as e:
-                raise CheckpointError(f"{index}: not a valid shard index ({e}). HINT: re-download the model") from None
-            out = {}
-            for f in files:
-                out.update(loader(hf_dir / f))
-            return out
-    raise CheckpointError(f"{hf_dir}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin. "
-                          "HINT: save the model with model.save_pretrained(dir)")
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: shard missing. HINT: re-download the model") from None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e}). "
-                              "HINT: re-download the model") from None
-
-
-def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    from ember.io.safe import load_pt
-
-    return load_pt(path)  # weights_only=True: never unpickles code; one-line errors naming the file
 
 
 # ---------------------------------------------------------------------------------------- export

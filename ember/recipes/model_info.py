@@ -101,7 +101,7 @@ def resolve(name_or_dir: str) -> tuple[ModelConfig, str]:
     path = Path(name_or_dir)
     is_ckpt = (path / "ember.json").is_file()
     if is_ckpt or (name_or_dir not in PRESETS and (path.exists() or "/" in name_or_dir)):
-        from ember.train.checkpoint import model_config, read_meta  # lazy: only this branch needs it
+        from ember.io.checkpoint import model_config, read_meta  # lazy: only this branch needs it
 
         meta = read_meta(path)  # errors name ember.json and say how to fix it
         return model_config(meta, path), f"checkpoint {path} ({meta.get('dtype', '?')} weights)"

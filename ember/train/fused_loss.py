@@ -16,8 +16,9 @@ and gradients as `train.loss.cross_entropy(model.output(h), targets)` (to fp32 r
 matmul FLOPs are the same, the logits are never whole. (The idea of Liger-Kernel's fused linear
 cross-entropy, arXiv:2410.10989, done with plain torch ops.)
 
-Use through `model_loss(model, tokens, targets)`, which runs the model up to its final norm
-(`Transformer.hidden_states`) and applies this to `model.output.weight`.
+Use through `train.loss.model_loss(model, tokens, targets)` (or the `LMLoss` objective), which runs
+the model up to its final norm (`Transformer.hidden_states`) and applies this to `model.output.weight`.
+This file holds the kernel only and imports nothing from the rest of ember.train.
 """
 
 from __future__ import annotations
@@ -26,12 +27,11 @@ from typing import Optional
 
 import torch
 
-from ember.train.loss import IGNORE_INDEX, cross_entropy
+IGNORE_INDEX = -100  # the same as train.loss.IGNORE_INDEX (torch's default ignore_index)
 
 CHUNK_BYTES = 128 * 2 ** 20
-"""Default fp32 logits buffer per chunk: 128 MiB = 667 rows of a 50304 vocab. Measured on the 2-core
-CPU (B*T=2048, V=50304): 128-row chunks are ~1.8x slower than 512-2048 (each chunk re-reads and
-re-writes the (V, C) weight gradient); 512, 1024 and 2048 rows are equal within noise."""
+"""Default fp32 logits buffer per chunk: 128 MiB of logits. Much smaller chunks are slower because each
+chunk re-reads and re-writes the (V, C) weight gradient; bench/train_throughput.py measures it."""
 
 
 def default_chunk(vocab_size: int) -> int:
@@ -126,32 +126,3 @@ def can_fuse(model: torch.nn.Module) -> bool:
     return (type(model).__name__ != "OptimizedModule" and isinstance(model, Transformer)
             and not isinstance(model, FSDPModule) and getattr(model, "output", None) is not None
             and not model._forward_pre_hooks and not model._forward_hooks)
-
-
-def model_loss(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor,
-               ignore_index: int = IGNORE_INDEX, chunk_size: Optional[int] = None,
-               **forward_kwargs) -> torch.Tensor:
-    """Mean next-token cross-entropy of an ember Transformer, without materialising its logits.
-
-    Equals `cross_entropy(model(tokens, **forward_kwargs), targets)` (forward_kwargs as in
-    `Transformer.forward`: positions, prefix_len, attn_mask). When `can_fuse(model)` is False
-    (DDP, FSDP2 root, whole-model compile) it is exactly that plain path.
-    """
-    if not can_fuse(model):
-        return cross_entropy(model(tokens, **forward_kwargs), targets, ignore_index=ignore_index)
-    hidden = model.hidden_states(tokens, **forward_kwargs)  # (B, T, C), after the final norm
-    return fused_linear_cross_entropy(hidden, model.output.weight, targets, ignore_index=ignore_index,
-                                      chunk_size=chunk_size)
-
-
-def fused_lm_loss(model: torch.nn.Module, batch, z_coef: float = 0.0) -> tuple[torch.Tensor, int]:
-    """Drop-in for `train.loop.lm_loss` (same signature and result) using `model_loss`.
-
-    Falls back to `lm_loss` when a z-loss is asked for (it needs the logits' log-partition).
-    """
-    from ember.train.loop import lm_loss
-
-    if z_coef:
-        return lm_loss(model, batch, z_coef)
-    inputs, targets = batch[0], batch[1]
-    return model_loss(model, inputs, targets), int(targets.numel())

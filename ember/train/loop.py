@@ -1,28 +1,37 @@
-"""The training loop: the only one in ember (pretraining now; SFT, DPO and distillation reuse it).
+"""The training loop: the only one in ember, for every objective (pretraining, SFT, DPO, distillation, ...).
 
 One optimizer step (`Trainer.train_step`):
 
-    for each of grad_accum_steps micro-batches:          (no gradient sync but on the last one)
-        loss = loss_fn(model, batch)                      (under autocast when configured)
-        (loss / grad_accum_steps).backward()
+    batches = grad_accum_steps micro-batches from the loader
+    W = sum of loss_fn.weight(batch) over them, summed over data-parallel ranks  (valid targets, pairs, ...)
+    for each micro-batch:                                 (no gradient sync but on the last one)
+        out = loss_fn(model, batch)                       (LossOutput: summed loss, weight, summed metrics)
+        (out.loss / (W / dp)).backward()                  (DDP/FSDP average over dp ranks: the result is
+                                                           the gradient of the step's weighted mean loss)
     grad_norm = clip_grad_norm_(params, grad_clip)        (all ranks agree on the norm)
     loss or grad_norm not finite? -> on_nan: "stop" raises EmberError; "skip" drops this update
     optimizer.step(); scheduler.step()
 
 `Trainer.fit` runs steps up to `max_steps`, logs every `log_every` (rank-0 progress line and
 run_dir/metrics.jsonl), evaluates every `eval_every` on the same validation batches each time, and
-saves a resumable checkpoint (ember.train.state) every `save_every`.
+saves a resumable checkpoint (ember.train.state) every `save_every`. SIGINT and SIGTERM only set a
+flag: the step in flight finishes, every rank stops after the same step, and the caller saves a
+checkpoint that resumes exactly. Frozen auxiliary models (a DPO reference, a distillation teacher)
+are given as `frozen=`: kept in eval mode without gradients, never in the optimizer or in checkpoints.
+The objective is the caller's (`ember.train.loss`): this module imports none.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -30,9 +39,52 @@ from torch import nn
 
 from ember.errors import EmberError
 from ember.log import log, warn
+from ember.parallel import ParallelConfig, ParallelDims
 from ember.train import state as train_state
 from ember.train.log import MetricsWriter, Progress
-from ember.train.loss import cross_entropy, z_loss
+from ember.train.loss import LossOutput, batch_weight
+
+
+class Loader(Protocol):
+    """What the Trainer reads batches from (ember.data.TokenLoader, SFT/preference loaders, ...)."""
+
+    def next_batch(self) -> Any: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, sd: dict) -> None: ...
+
+
+def check_train_config(cfg: "TrainConfig") -> None:
+    """Refuse nonsense values with the field's name (called when a TrainConfig is built)."""
+    def bad(key: str, want: str, value: Any) -> None:
+        raise ValueError(f"train.{key}={value!r}: expected {want}")
+
+    if cfg.max_steps < 1:
+        bad("max_steps", "at least 1 optimizer step", cfg.max_steps)
+    if cfg.batch_size < 1:
+        bad("batch_size", "at least 1 sequence", cfg.batch_size)
+    if cfg.grad_accum_steps < 1:
+        bad("grad_accum_steps", "at least 1 micro-batch per step", cfg.grad_accum_steps)
+    for key in ("lr", "min_lr", "weight_decay", "grad_clip", "eps", "decay_frac"):
+        value = getattr(cfg, key)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            bad(key, "a finite number >= 0", value)
+    if cfg.lr == 0:
+        bad("lr", "a learning rate > 0", cfg.lr)
+    if cfg.min_lr > cfg.lr:
+        bad("min_lr", f"at most train.lr={cfg.lr}", cfg.min_lr)
+    if cfg.decay_frac > 1:
+        bad("decay_frac", "a fraction in [0, 1]", cfg.decay_frac)
+    if not all(0 <= b < 1 for b in cfg.betas):
+        bad("betas", "two numbers in [0, 1)", cfg.betas)
+    for key in ("warmup_steps", "eval_every", "eval_batches", "save_every", "keep_last", "max_consecutive_skips"):
+        if getattr(cfg, key) < 0:
+            bad(key, "a count >= 0", getattr(cfg, key))
+    if cfg.log_every < 1:
+        bad("log_every", "at least 1", cfg.log_every)
+    if cfg.peak_flops is not None and not cfg.peak_flops > 0:
+        bad("peak_flops", "FLOP/s > 0 (or unset)", cfg.peak_flops)
 
 
 @dataclass
@@ -66,12 +118,6 @@ class TrainConfig:
     """AdamW epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)."""
-    fused_loss: bool = True
-    """Compute the output head and cross-entropy together, chunk by chunk, never materialising the logits
-    (ember.train.fused_loss; same values to fp32 rounding; ~1.15x faster training steps on CPU at vocab 50k,
-    bench/train_throughput.py). DDP/FSDP2-wrapped models and z-loss use the plain loss automatically."""
-    z_loss: float = 0.0
-    """Coefficient of the z-loss (PaLM) added to the training loss; 0 = off."""
     seed: int = 1337
     """Seed of weight init, data order and dropout."""
     eval_every: int = 100
@@ -89,10 +135,14 @@ class TrainConfig:
     max_consecutive_skips: int = 10
     """on_nan=skip: stop anyway after this many skipped steps in a row."""
     peak_flops: Optional[float] = None
-    """FLOP/s the MFU is relative to (whole job). None: 125e9 on CPU (the measured fp32 GEMM peak of
-    the 2-core reference machine, CPU-NOTES.md), a dense-bf16 table per GPU model times the GPU count."""
+    """FLOP/s the MFU is relative to (whole job). None: 125e9 on CPU (the fp32 GEMM peak that
+    bench/common.py measures on the 2-core reference machine), a dense-bf16 table per GPU model times the
+    GPU count."""
     tensorboard: bool = False
     """Also write TensorBoard logs to run_dir/tensorboard (needs `pip install tensorboard`)."""
+
+    def __post_init__(self) -> None:
+        check_train_config(self)
 
 
 # --------------------------------------------------------------------------------- MFU helpers
@@ -114,19 +164,6 @@ def default_peak_flops(device: torch.device, world_size: int = 1) -> float:
 
 
 # --------------------------------------------------------------------------------- batches
-def lm_loss(model: nn.Module, batch: Any, z_coef: float = 0.0) -> tuple[torch.Tensor, int]:
-    """Next-token loss of a batch `(inputs (B, T), targets (B, T))` (targets -100 are ignored).
-
-    Returns (mean loss, number of counted target tokens).
-    """
-    inputs, targets = batch[0], batch[1]
-    logits = model(inputs)  # (B, T, V)
-    loss = cross_entropy(logits, targets)
-    if z_coef:
-        loss = loss + z_coef * z_loss(logits, targets)
-    return loss, int(targets.numel())
-
-
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -137,8 +174,16 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _next(loader: Any) -> Any:
-    return loader.next_batch() if hasattr(loader, "next_batch") else next(loader)
+def batch_tokens(batch: Any) -> int:
+    """Tokens a batch feeds the model (for tokens/s): the inputs of a tuple batch, every 2-D integer tensor
+    of a dict batch (e.g. chosen and rejected ids)."""
+    if isinstance(batch, (tuple, list)):
+        return int(batch[0].numel())
+    if isinstance(batch, dict):
+        return int(sum(v.numel() for v in batch.values()
+                       if isinstance(v, torch.Tensor) and v.dim() == 2 and not v.is_floating_point()
+                       and not v.dtype == torch.bool))
+    return int(batch.numel()) if isinstance(batch, torch.Tensor) else 0
 
 
 def _all_sum(t: torch.Tensor) -> torch.Tensor:
@@ -148,41 +193,73 @@ def _all_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _all_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean over all ranks (TP/PP ranks of one replica hold equal values, so this is the dp mean)."""
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    return _all_sum(t.detach().clone()) / world
-
-
 class NonFiniteLoss(EmberError):
     """The loss or gradient norm became NaN/inf (on_nan='stop', or too many skips)."""
 
 
+class StopRequest:
+    """SIGINT/SIGTERM while training: remember the signal, let the step finish (a second Ctrl-C aborts).
+
+    Installed only in the main thread; `requested()` is agreed over all ranks (a max all-reduce of one
+    int per step), so every rank stops after the same step even when only one got the signal."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum and signum == signal.SIGINT:  # second Ctrl-C: stop now, without a checkpoint
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.signum = signum
+        log(f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
+            "(Ctrl-C again to abort without saving)")
+
+    def requested(self) -> int:
+        flag = torch.tensor([self.signum], dtype=torch.int64)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
 # --------------------------------------------------------------------------------- trainer
 class Trainer:
-    """Owns one run's step loop. Build the model, optimizer and loaders first (see recipes/pretrain.py).
+    """Owns one run's step loop. `ember.train.run` builds everything it needs for a recipe.
 
     model: built and parallelized; optimizer/scheduler: from ember.train.optim; train_loader and
-    val_loader: `next_batch()` (or iterators) yielding batches for `loss_fn`, with state_dict /
-    load_state_dict for resume; dims: ember.parallel.ParallelDims (None = single process);
-    parallel: ember.parallel.ParallelConfig (precision, grad scaler); run_dir: where metrics and
-    checkpoints go (None = no files); loss_fn(model, batch) -> (loss, n_tokens); ckpt_meta: JSON-able
-    facts saved in checkpoints (model_config, config, tokenizer_dir).
+    val_loader: `Loader`s yielding batches for `loss_fn` (val_loader may instead offer
+    `iter_eval(n)`); loss_fn: an objective (ember.train.loss: `loss_fn(model, batch) -> LossOutput`,
+    ideally with `.weight(batch)`); dims / parallel: topology and precision (None = one process, fp32);
+    frozen: auxiliary models the objective reads (reference, teacher); run_dir: where metrics and
+    checkpoints go (None = no files); ckpt_meta: JSON-able facts saved in checkpoints.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, train_loader: Any,
-                 val_loader: Any, cfg: TrainConfig, dims: Any = None, *, parallel: Any = None,
-                 run_dir: Optional[str | Path] = None, loss_fn: Optional[Callable] = None,
-                 flops_per_token: Optional[int] = None, ckpt_meta: Optional[dict] = None):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 train_loader: Loader, val_loader: Optional[Loader], cfg: TrainConfig,
+                 dims: Optional[ParallelDims] = None, *, loss_fn: Callable[[nn.Module, Any], LossOutput],
+                 parallel: Optional[ParallelConfig] = None, frozen: Optional[dict[str, nn.Module]] = None,
+                 run_dir: Optional[str | Path] = None, flops_per_token: Optional[int] = None,
+                 ckpt_meta: Optional[dict] = None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_loader, self.val_loader, self.cfg = train_loader, val_loader, cfg
-        self.dims, self.parallel = dims, parallel
+        self.dims, self.parallel = dims or ParallelDims(), parallel
+        self.loss_fn = loss_fn
+        self.frozen = self._check_frozen(frozen or {})
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.loss_fn = loss_fn or self._default_loss_fn(cfg)
         self.flops_per_token = flops_per_token
         self.ckpt_meta = dict(ckpt_meta or {})
-        self.device = getattr(dims, "device", None) or next(model.parameters()).device
-        self.dp_size = getattr(dims, "dp_size", 1)
+        self.device = self.dims.device if dims is not None else next(model.parameters()).device
+        self.dp_size = self.dims.dp_size
         self.step = 0  # optimizer steps done
         self.tokens_seen = 0  # training tokens over all ranks
         self.skipped = 0
@@ -191,33 +268,35 @@ class Trainer:
         self.scaler = self._make_scaler()
         self.metrics = MetricsWriter(self.run_dir, cfg.tensorboard) if self.run_dir is not None else None
         self.last_eval: dict = {}
+        self.stopped_by: int = 0  # the signal that ended the last fit (0: none)
         self._saved_step: Optional[int] = None
 
-    @staticmethod
-    def _default_loss_fn(cfg: TrainConfig) -> Callable:
-        if cfg.fused_loss:
-            from ember.train.fused_loss import fused_lm_loss
-
-            return lambda m, b: fused_lm_loss(m, b, cfg.z_loss)
-        return lambda m, b: lm_loss(m, b, cfg.z_loss)
+    def _check_frozen(self, frozen: dict[str, nn.Module]) -> dict[str, nn.Module]:
+        trained = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        for name, m in frozen.items():
+            if any(id(p) in trained for p in m.parameters()):
+                raise EmberError(f"frozen model '{name}' shares parameters with the optimizer. HINT: pass a "
+                                 "separate copy (or, with LoRA, the same model with adapters disabled)")
+            m.requires_grad_(False).eval()
+        return frozen
 
     # ------------------------------------------------------------------ parallel hooks
     def _make_scaler(self):
-        if self.parallel is None or self.dims is None:
+        if self.parallel is None:
             return None
         from ember.parallel import make_grad_scaler
 
         return make_grad_scaler(self.dims, self.parallel)
 
     def _autocast(self):
-        if self.parallel is None or self.dims is None:
+        if self.parallel is None:
             return contextlib.nullcontext()
         from ember.parallel import autocast
 
         return autocast(self.dims, self.parallel)
 
     def _no_sync(self, skip_sync: bool):
-        if self.dims is None or not getattr(self.dims, "distributed", False):
+        if not self.dims.distributed:
             return contextlib.nullcontext()
         from ember.parallel import no_sync
 
@@ -229,26 +308,50 @@ class Trainer:
         # grad_clip <= 0 only measures the norm
         return clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], self.cfg.grad_clip)
 
+    def _weights(self, batches: list) -> tuple[list[float], float]:
+        """Units of each micro-batch (before any forward) and of the whole step over all ranks."""
+        count = getattr(self.loss_fn, "weight", None) or batch_weight
+        weights = [float(count(b)) for b in batches]
+        total = _all_sum(torch.tensor(sum(weights), dtype=torch.float64, device=self.device)).item()
+        if total <= 0:
+            raise EmberError(f"step {self.step + 1}: no unit to train on in this step's batches (every target "
+                             "is -100). HINT: check the data's masks (an all-masked example trains nothing)")
+        return weights, total
+
+    @staticmethod
+    def _checked(out: Any, expected: float) -> LossOutput:
+        if not isinstance(out, LossOutput):
+            raise EmberError(f"loss_fn returned {type(out).__name__}, expected ember.train.loss.LossOutput "
+                             "(summed loss, weight, metrics)")
+        if float(out.weight) != expected:
+            raise EmberError(f"loss_fn reported weight {float(out.weight)} for a batch whose weight is {expected}. "
+                             "HINT: give the loss_fn a .weight(batch) method that counts the same units")
+        return out
+
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
-        """One optimizer step over grad_accum_steps micro-batches; returns {"loss", "grad_norm", "lr", "skipped"}."""
-        cfg, accum = self.cfg, self.cfg.grad_accum_steps
+        """One optimizer step over grad_accum_steps micro-batches; returns loss (the step's weighted mean),
+        metrics, grad_norm, lr, skipped, tokens."""
         self.model.train()
+        for m in self.frozen.values():
+            m.eval()
         lr = self.optimizer.param_groups[0]["lr"]
-        loss_sum, tokens = torch.zeros((), device=self.device), 0
-        for micro in range(accum):
-            batch = _to_device(_next(self.train_loader), self.device)
-            with self._no_sync(micro < accum - 1), self._autocast():
-                loss, n = self.loss_fn(self.model, batch)
-            scaled = loss / accum
+        batches = [_to_device(self.train_loader.next_batch(), self.device) for _ in range(self.cfg.grad_accum_steps)]
+        weights, total = self._weights(batches)
+        denom = total / self.dp_size  # DDP/FSDP2 average gradients over dp ranks
+        sums: dict[str, torch.Tensor] = {}
+        for micro, (batch, weight) in enumerate(zip(batches, weights)):
+            with self._no_sync(micro < len(batches) - 1), self._autocast():
+                out = self._checked(self.loss_fn(self.model, batch), weight)
+            scaled = out.loss / denom
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            loss_sum += loss.detach().float()
-            tokens += n
+            for k, v in {"loss": out.loss, **out.metrics}.items():
+                sums[k] = sums.get(k, 0) + v.detach().double()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = self._clip()  # the full norm, the same on every rank
-        loss_val = _all_mean(loss_sum / accum).item()  # mean over micro-batches and ranks: all ranks agree
-        norm_val = grad_norm.item()
+        means = self._means(sums, total)  # all ranks agree
+        loss_val, norm_val = means["loss"], grad_norm.item()
         # with a grad scaler (fp16) inf gradients are routine: scaler.step skips those updates itself
         finite = math.isfinite(loss_val) and (self.scaler is not None or math.isfinite(norm_val))
         skipped = False
@@ -258,6 +361,8 @@ class Trainer:
             self.scaler.step(self.optimizer)
         else:
             self.optimizer.step()
+        if not skipped:
+            self._consecutive_skips = 0
         if self.scaler is not None:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -265,8 +370,15 @@ class Trainer:
             warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
             self.scheduler.step()
         self.step += 1
-        self.tokens_seen += tokens * self.dp_size
-        return {"loss": loss_val, "grad_norm": norm_val, "lr": lr, "skipped": skipped, "tokens": tokens * self.dp_size}
+        tokens = sum(batch_tokens(b) for b in batches) * self.dp_size
+        self.tokens_seen += tokens
+        return {**means, "grad_norm": norm_val, "lr": lr, "skipped": skipped, "tokens": tokens}
+
+    def _means(self, sums: dict[str, torch.Tensor], total: float) -> dict[str, float]:
+        """Weighted means over all micro-batches and ranks: one all-reduce for every metric."""
+        keys = sorted(sums)
+        vec = _all_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in keys]))
+        return {k: v / total for k, v in zip(keys, vec.tolist())}
 
     def _on_nonfinite(self, loss_val: float, norm_val: float) -> bool:
         step = self.step + 1
@@ -286,24 +398,29 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, batches: Optional[int] = None) -> dict:
-        """Mean validation loss and perplexity over the same `eval_batches` batches every call (all ranks)."""
+        """The objective's weighted means (loss and its metrics, plus what `loss_fn.report` derives, e.g.
+        perplexity) over the same `eval_batches` batches every call (all ranks)."""
         if self.val_loader is None:
             return {}
         n = batches or self.cfg.eval_batches
         self.model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (sum of token losses, tokens)
+        sums: dict[str, torch.Tensor] = {}
+        total = 0.0
         for batch in self._eval_batches(n):
             batch = _to_device(batch, self.device)
             with self._autocast():
-                loss, count = self.loss_fn(self.model, batch)
-            total += torch.stack([loss.double() * count, torch.tensor(count, dtype=torch.float64, device=self.device)])
+                out = self.loss_fn(self.model, batch)
+            total += float(out.weight)
+            for k, v in {"loss": out.loss, **out.metrics}.items():
+                sums[k] = sums.get(k, 0) + v.detach().double()
         self.model.train()
-        total = _all_sum(total)
-        val = (total[0] / total[1].clamp(min=1)).item()
-        self.last_eval = {"loss": val, "ppl": math.exp(min(val, 50.0))}
+        total = _all_sum(torch.tensor(total, dtype=torch.float64, device=self.device)).item()
+        means = self._means(sums, max(total, 1.0)) if sums else {"loss": float("nan")}
+        report = getattr(self.loss_fn, "report", None)
+        self.last_eval = report(means) if report is not None else means
         return self.last_eval
 
-    def _eval_batches(self, n: int):
+    def _eval_batches(self, n: int) -> Iterator:
         """The same n batches every call: the loader's `iter_eval`, else its stream from the initial state."""
         if hasattr(self.val_loader, "iter_eval"):
             yield from self.val_loader.iter_eval(n)
@@ -311,11 +428,12 @@ class Trainer:
         if self._val_state0 is not None:
             self.val_loader.load_state_dict(self._val_state0)
         for _ in range(n):
-            yield _next(self.val_loader)
+            yield self.val_loader.next_batch()
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Optional[Path]:
-        """A resumable checkpoint of the current step in run_dir/checkpoints (collective)."""
+        """A resumable checkpoint of the current step in run_dir/checkpoints (collective). Frozen models
+        are not in it: they are inputs of the run, loaded again on resume."""
         if self.run_dir is None or self._saved_step == self.step:
             return None
         self._saved_step = self.step
@@ -326,19 +444,36 @@ class Trainer:
             tokenizer_dir=self.ckpt_meta.get("tokenizer_dir"), extra={"skipped": self.skipped})
 
     def resume(self, ckpt: str | Path) -> dict:
-        """Restore model, optimizer, scheduler, loader, RNG, step and counters from a checkpoint."""
+        """Restore model, optimizer, scheduler, loader, RNG, step and counters from a checkpoint.
+
+        The optimizer hyperparameters of this run's config win over the checkpoint's (lr, min_lr and
+        the schedule through the scheduler, weight decay, betas, eps), so a changed --train.lr applies."""
         meta = train_state.load_train_state(ckpt, self.model, self.optimizer, self.scheduler, self.train_loader,
                                             dp_size=self.dp_size)
         self.step, self.tokens_seen = int(meta["step"]), int(meta.get("tokens_seen", 0))
         self._saved_step = self.step
         self.skipped = int(meta.get("extra", {}).get("skipped", 0))
+        self._apply_hyperparameters()
         log(f"resumed from {ckpt} at step {self.step} ({self.tokens_seen:,} tokens seen)")
         return meta
+
+    def _apply_hyperparameters(self) -> None:
+        cfg, sched = self.cfg, self.scheduler
+        for g in self.optimizer.param_groups:
+            g["initial_lr"] = cfg.lr
+            if g.get("name") == "decay":  # ember.train.optim.param_groups names its groups
+                g["weight_decay"] = cfg.weight_decay
+            g["betas"], g["eps"] = tuple(cfg.betas), cfg.eps
+        if sched is not None and hasattr(sched, "lr_lambdas"):
+            sched.base_lrs = [cfg.lr for _ in self.optimizer.param_groups]
+            for g, fn in zip(self.optimizer.param_groups, sched.lr_lambdas):
+                g["lr"] = cfg.lr * fn(sched.last_epoch)
 
     # ------------------------------------------------------------------ the loop
     def fit(self, until: Optional[int] = None) -> dict:
         """Train until max_steps (or step `until`, as if interrupted there; the schedule still follows
-        max_steps); returns a summary (losses, last train loss, tokens/s, MFU, time)."""
+        max_steps), or until SIGINT/SIGTERM (then `self.stopped_by` is the signal and the caller saves);
+        returns a summary (losses, last train loss, tokens/s, MFU, time)."""
         cfg = self.cfg
         end = min(cfg.max_steps, until) if until is not None else cfg.max_steps
         start_step, start_tokens, t_start = self.step, self.tokens_seen, time.perf_counter()
@@ -346,42 +481,47 @@ class Trainer:
         window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
         history: list[float] = []
         tok_s = mfu = 0.0
-        while self.step < end:
-            out = self.train_step()
-            window_tokens += out["tokens"]
-            window_steps += 1
-            history.append(out["loss"])
-            progress.update(self.step, out["loss"])
-            if self.step % cfg.log_every == 0 or self.step == end:
-                dt = time.perf_counter() - window_t
-                tok_s = window_tokens / max(dt, 1e-9)
-                mfu = self._mfu(tok_s)
-                eta = (cfg.max_steps - self.step) * dt / max(1, window_steps)
-                rec = {"loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"], "tokens_per_s": tok_s,
-                       "mfu": mfu, "tokens_seen": self.tokens_seen, "elapsed_s": time.perf_counter() - t_start,
-                       "eta_s": eta, "skipped": self.skipped}
-                self._write(self.step, "train", rec)
-                progress.log_step(self.step, rec)
-                window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < end:
-                self._eval_and_log(progress)
-                window_t = time.perf_counter()
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
-                self.save()
-                window_t = time.perf_counter()
+        self.stopped_by = 0
+        with StopRequest() as stop:
+            while self.step < end:
+                out = self.train_step()
+                window_tokens += out["tokens"]
+                window_steps += 1
+                history.append(out["loss"])
+                progress.update(self.step, out["loss"])
+                if self.step % cfg.log_every == 0 or self.step == end:
+                    dt = time.perf_counter() - window_t
+                    tok_s = window_tokens / max(dt, 1e-9)
+                    mfu = self._mfu(tok_s)
+                    eta = (cfg.max_steps - self.step) * dt / max(1, window_steps)
+                    rec = {**{k: v for k, v in out.items() if k not in ("skipped", "tokens")}, "tokens_per_s": tok_s,
+                           "mfu": mfu, "tokens_seen": self.tokens_seen, "elapsed_s": time.perf_counter() - t_start,
+                           "eta_s": eta, "skipped": self.skipped}
+                    self._write(self.step, "train", rec)
+                    progress.log_step(self.step, rec)
+                    window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
+                self.stopped_by = stop.requested()
+                if self.stopped_by:
+                    break
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < end:
+                    self._eval_and_log(progress)
+                    window_t = time.perf_counter()
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
+                    self.save()
+                    window_t = time.perf_counter()
         progress.close()
         elapsed = time.perf_counter() - t_start
         avg = (self.tokens_seen - start_tokens) / max(elapsed, 1e-9)  # whole run, evals and saves included
         return {"steps": self.step - start_step, "train_loss": history[-1] if history else None,
                 "losses": history, "tokens_per_s": avg, "mfu": self._mfu(avg), "last_tokens_per_s": tok_s,
-                "elapsed_s": elapsed,
-                "skipped": self.skipped, "tokens_seen": self.tokens_seen}
+                "elapsed_s": elapsed, "skipped": self.skipped, "tokens_seen": self.tokens_seen,
+                "stopped_by": self.stopped_by}
 
     def _eval_and_log(self, progress: Optional[Progress] = None) -> dict:
         res = self.evaluate()
         if res:
             self._write(self.step, "val", res)
-            msg = f"step {self.step}: val loss {res['loss']:.4f}, ppl {res['ppl']:.2f}"
+            msg = f"step {self.step}: val " + ", ".join(f"{k} {v:.4f}" for k, v in res.items())
             (progress.write(msg) if progress is not None else log(msg))
         return res
 
@@ -392,7 +532,7 @@ class Trainer:
     def _mfu(self, tokens_per_s: float) -> float:
         if not self.flops_per_token:
             return 0.0
-        peak = self.cfg.peak_flops or default_peak_flops(self.device, getattr(self.dims, "world_size", 1))
+        peak = self.cfg.peak_flops or default_peak_flops(self.device, self.dims.world_size)
         return self.flops_per_token * tokens_per_s / peak
 
     def _write(self, step: int, split: str, rec: dict) -> None:

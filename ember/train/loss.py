@@ -1,15 +1,110 @@
-"""Loss functions (pure): next-token cross-entropy in fp32, a chunked variant, and z-loss.
+"""Losses: the contract every objective follows, the language-model objective, and pure loss functions.
 
-The model's `forward` returns logits (B, T, V); these functions turn them into a scalar.
+The loss contract (what `Trainer` calls, for every objective):
+
+    out = loss_fn(model, batch)    -> LossOutput(loss=SUM over the batch's units, weight=number of units,
+                                                 metrics={name: SUM over the same units})
+    loss_fn.weight(batch)          -> the same number of units, known before the forward (optional:
+                                      `batch_weight` counts non-ignored targets otherwise)
+
+A unit is whatever the objective averages over: a valid target token for language modelling, a
+preference pair for DPO, a sequence for a classifier. The Trainer divides by the total weight of the
+whole optimizer step (all micro-batches, all data-parallel ranks) before backward, so micro-batches
+with different numbers of valid targets (prompt masks, packing, ragged pairs) weigh what they hold,
+and reports loss and metrics as weighted means. An optional `loss_fn.report(means)` adds derived
+metrics at evaluation (perplexity for the LM objective).
+
 Logits are upcast to fp32 before the softmax (bf16 log-sum-exp loses ~2 digits over a 50k vocab).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol
+
 import torch
 import torch.nn.functional as F
 
+from ember.train.fused_loss import can_fuse, fused_linear_cross_entropy
+
 IGNORE_INDEX = -100
+
+
+@dataclass
+class LossOutput:
+    """What an objective returns for one micro-batch."""
+
+    loss: torch.Tensor
+    """Scalar: the loss SUMMED over the batch's units (not averaged)."""
+    weight: float
+    """How many units the sum is over (valid targets, pairs, sequences)."""
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Extra scalars, each SUMMED over the same units (reported as weighted means)."""
+
+
+class Objective(Protocol):
+    """A loss function the Trainer can normalise exactly (see the module docstring)."""
+
+    def __call__(self, model: torch.nn.Module, batch: Any) -> LossOutput: ...
+
+    def weight(self, batch: Any) -> float: ...
+
+
+def batch_weight(batch: Any) -> float:
+    """Default units of a batch: targets that are not IGNORE_INDEX, for `(inputs, targets)` tuples and
+    dicts with "labels"/"targets"; a dict's explicit "weight"; else the batch size (sequences, pairs)."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], torch.Tensor):
+        return float((batch[1] != IGNORE_INDEX).sum())
+    if isinstance(batch, dict):
+        if "weight" in batch:
+            return float(batch["weight"])
+        for key in ("labels", "targets"):
+            if isinstance(batch.get(key), torch.Tensor) and not batch[key].is_floating_point():
+                return float((batch[key] != IGNORE_INDEX).sum())
+        first = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+        if first is not None:
+            return float(first.shape[0])
+    if isinstance(batch, torch.Tensor):
+        return float(batch.shape[0])
+    raise TypeError(f"cannot count the units of a {type(batch).__name__} batch; give the loss_fn a .weight(batch)")
+
+
+@dataclass
+class LossConfig:
+    """The language-model training objective."""
+
+    fused: bool = True
+    """Compute the output head and cross-entropy together, chunk by chunk, never materialising the logits
+    (train/fused_loss.py; the same values to fp32 rounding). DDP/FSDP2-wrapped models and z-loss use the
+    plain logits path automatically."""
+    z_loss: float = 0.0
+    """Coefficient of the z-loss (PaLM) added to the training loss; 0 = off."""
+
+
+class LMLoss:
+    """Next-token cross-entropy (the pretraining objective): units are targets that are not -100."""
+
+    def __init__(self, cfg: Optional[LossConfig] = None):
+        self.cfg = cfg or LossConfig()
+
+    def weight(self, batch: Any) -> float:
+        return float((batch[1] != IGNORE_INDEX).sum())
+
+    def __call__(self, model: torch.nn.Module, batch: Any) -> LossOutput:
+        inputs, targets = batch[0], batch[1]
+        if self.cfg.fused and not self.cfg.z_loss:
+            loss = model_loss(model, inputs, targets, reduction="sum")
+        else:
+            logits = model(inputs)  # (B, T, V)
+            loss = cross_entropy(logits, targets, reduction="sum")
+            if self.cfg.z_loss:
+                loss = loss + self.cfg.z_loss * z_loss(logits, targets, reduction="sum")
+        return LossOutput(loss, self.weight(batch))
+
+    @staticmethod
+    def report(means: dict) -> dict:
+        return {**means, "ppl": math.exp(min(means["loss"], 50.0))}
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX,
@@ -40,9 +135,9 @@ def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_siz
     return total / count
 
 
-def z_loss(logits: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX
-           ) -> torch.Tensor:
-    """Mean squared log-partition log(sum exp(logits))^2 (PaLM, arXiv:2204.02311 sec. 5).
+def z_loss(logits: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
+           reduction: str = "mean") -> torch.Tensor:
+    """Mean (or "sum") squared log-partition log(sum exp(logits))^2 (PaLM, arXiv:2204.02311 sec. 5).
 
     Add `coef * z_loss(logits)` (coef ~1e-4) to keep the softmax normaliser near 1. With `targets`,
     ignored positions do not count.
@@ -51,6 +146,23 @@ def z_loss(logits: torch.Tensor, targets: torch.Tensor | None = None, ignore_ind
     lse = torch.logsumexp(logits.reshape(-1, V).float(), dim=-1)  # (N,)
     sq = lse.square()
     if targets is None:
-        return sq.mean()
+        return sq.sum() if reduction == "sum" else sq.mean()
     keep = (targets.reshape(-1) != ignore_index).float()
-    return (sq * keep).sum() / keep.sum().clamp(min=1)
+    total = (sq * keep).sum()
+    return total if reduction == "sum" else total / keep.sum().clamp(min=1)
+
+
+def model_loss(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor,
+               ignore_index: int = IGNORE_INDEX, chunk_size: Optional[int] = None, reduction: str = "mean",
+               **forward_kwargs) -> torch.Tensor:
+    """Next-token cross-entropy ("mean" or "sum") of an ember Transformer, without materialising its logits.
+
+    Equals `cross_entropy(model(tokens, **forward_kwargs), targets)` (forward_kwargs as in
+    `Transformer.forward`: positions, prefix_len, attn_mask). When `can_fuse(model)` is False
+    (DDP, FSDP2 root, whole-model compile) it is exactly that plain path.
+    """
+    if not can_fuse(model):
+        return cross_entropy(model(tokens, **forward_kwargs), targets, ignore_index=ignore_index, reduction=reduction)
+    hidden = model.hidden_states(tokens, **forward_kwargs)  # (B, T, C), after the final norm
+    return fused_linear_cross_entropy(hidden, model.output.weight, targets, ignore_index=ignore_index,
+                                      reduction=reduction, chunk_size=chunk_size)

@@ -28,7 +28,7 @@ _NO_DECAY_MODULES = (nn.LayerNorm, nn.RMSNorm, nn.Embedding, nn.GroupNorm, nn.Ba
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: {"params": decayed, "weight_decay": wd} and {"params": others, 0.0}.
+    """Two AdamW groups: {"params": decayed, "weight_decay": wd, "name": "decay"} and the others (0.0, "no_decay").
 
     Decided by module type (norms and embeddings never decay) and name (`bias`, and any 0/1-D
     tensor). Shared (tied) parameters are counted once, under their first owner; frozen
@@ -42,7 +42,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             seen.add(id(p))
             skip = isinstance(mod, _NO_DECAY_MODULES) or name == "bias" or p.dim() < 2
             (no_decay if skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     return [g for g in groups if g["params"]]
 
 

@@ -15,7 +15,7 @@ unpickler for `.metadata`, `weights_only=True` for bytes items) and the `.pt` fi
 It is written into `checkpoints/.step_0000100.tmp/` by every rank and renamed by rank 0 after a
 barrier, so a crash never leaves a directory that looks complete. Multi-node runs need `run_dir` on
 a shared file system. `export_final` / `export_to_safetensors` write the inference checkpoint
-(`ember.train.checkpoint`: model.safetensors + ember.json + tokenizer/).
+(`ember.io.checkpoint`: model.safetensors + ember.json + tokenizer/).
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ def export_final(model: nn.Module, out_dir: str | Path, tokenizer_dir: Optional[
     sd = full_state_dict(model)
     out = None
     if _rank() == 0:
-        from ember.train.checkpoint import save_state_dict
+        from ember.io.checkpoint import save_state_dict
 
         from ember.parallel import unwrap
 
@@ -263,7 +263,7 @@ def export_to_safetensors(train_ckpt: str | Path, out_dir: str | Path,
     if tok and not Path(tok).is_dir():
         warn(f"tokenizer dir {tok} is gone; exporting without a tokenizer")
         tok = None
-    from ember.train.checkpoint import save_state_dict
+    from ember.io.checkpoint import save_state_dict
 
     save_state_dict(model.state_dict(), cfg, out_dir, tokenizer_dir=tok,
                     extra={"step": meta.get("step"), "tokens_seen": meta.get("tokens_seen")})

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ember.models import Transformer, preset
-from ember.train import checkpoint as ckpt
-from ember.train.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint, save_state_dict
+from ember.io import checkpoint as ckpt
+from ember.io.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint, save_state_dict
 
 CASES = {
     "tiny-tied": ("tiny", {}),

@@ -1,4 +1,4 @@
-"""GGUF import (ember.infer.gguf + `ember convert --from-gguf`) against a tiny random HF Llama.
+"""GGUF import (ember.io.gguf + `ember convert --from-gguf`) against a tiny random HF Llama.
 
 Reference: transformers' LlamaForCausalLM; its weights are written to a GGUF file the way llama.cpp's
 convert_hf_to_gguf.py does (llama.cpp names, q/k rows permuted), with a byte-level BPE tokenizer
@@ -22,8 +22,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
 from ember import cli  # noqa: E402
 from ember.errors import EmberError  # noqa: E402
 from ember.infer import api  # noqa: E402
-from ember.infer import gguf as gguf_io  # noqa: E402
-from ember.train.checkpoint import load_checkpoint  # noqa: E402
+from ember.io import gguf as gguf_io  # noqa: E402
+from ember.io.checkpoint import load_checkpoint  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TEXT = ["the quick brown fox jumps over the lazy dog", "pack my box with five dozen liquor jugs 12345",
