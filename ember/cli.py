@@ -60,13 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"ember {' '.join(words)}: config error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # tyro printed --help, or a flag error naming the field (exit 2)
+        return int(e.code or 0)
     try:
         result = recipe.main(cfg)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
     except EmberError as e:
-        print(f"ember {' '.join(words)}: error: {e}", file=sys.stderr)
+        msg, prefix = str(e), f"ember {' '.join(words)}: "
+        print(prefix + "error: " + (msg[len(prefix):] if msg.startswith(prefix) else msg), file=sys.stderr)
         return 1
     return int(result or 0)
 

@@ -106,3 +106,79 @@ def test_small_yaml_is_the_default():
 
     path = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / "small.yaml"
     assert to_dict(load_yaml(path, Config)) == to_dict(Config())
+
+
+def test_failed_start_moves_nothing_aside_and_resume_names_the_aside(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = tiny_args(tiny_data, run, "--train.max-steps", "2", "--samples.num", "0", "--train.eval-every", "0")
+    assert cli(args) == 0
+    for bad in (["--data.data-dir", str(tmp_path / "nowhere")], ["--data.block-size", "100000"],
+                ["--model-preset", "smal"]):
+        assert cli(args + bad) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no RUN_DIR.<time> piled up
+    capsys.readouterr()
+    assert cli(args) == 0  # a real start moves the old run aside
+    aside = next(p for p in tmp_path.iterdir() if p.name.startswith("run."))
+    import shutil
+
+    shutil.rmtree(run / "checkpoints")
+    assert cli(args + ["--resume"]) == 1
+    err = capsys.readouterr().err
+    assert f"moved aside to {aside}" in err and "--resume-from" in err
+
+
+def test_resume_reports_config_changes_and_the_new_lr_applies(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    base = tiny_args(tiny_data, run, "--samples.num", "0", "--train.eval-every", "0", "--train.warmup-steps", "0",
+                     "--train.schedule", "constant")
+    assert cli(base + ["--stop-at", "4"]) == 0
+    capsys.readouterr()
+    assert cli(base + ["--resume", "--train.lr", "0.0005"]) == 0
+    out = capsys.readouterr()
+    assert "config change" in out.err and "train.lr: 0.002 -> 0.0005" in out.err and "train.betas" not in out.err
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in recs if r["split"] == "train"}
+    assert lrs[4] == pytest.approx(2e-3) and lrs[5] == pytest.approx(5e-4)
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--train.lr", "-1"], "train.lr=-1.0: expected a finite number >= 0"),
+    (["--train.lr", "nan"], "train.lr=nan"),
+    (["--train.max-steps", "0"], "train.max_steps=0: expected at least 1"),
+    (["--train.grad-accum-steps", "0"], "grad_accum_steps=0"),
+    (["--model.dropout", "1.5"], "dropout=1.5"),
+    (["--device", "tpu"], "device='tpu'"),
+])
+def test_nonsense_flags_are_one_line_errors(tiny_data, tmp_path, capsys, flags, msg):
+    assert cli(tiny_args(tiny_data, tmp_path / "r", *flags)) in (1, 2)
+    err = " ".join(capsys.readouterr().err.replace("│", " ").split())
+    assert msg in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_every_model_config_field_is_an_override():
+    import dataclasses
+
+    from ember.config import attribute_docs
+    from ember.models import ModelConfig
+    from ember.recipes.pretrain import ModelOverrides
+
+    names = {f.name for f in dataclasses.fields(ModelOverrides)}
+    assert names == {f.name for f in dataclasses.fields(ModelConfig)}
+    cfg = Config(model_preset="tiny-llama")
+    cfg.model.norm_eps = 1e-6
+    cfg.model.mask = "prefix"
+    cfg.model.head_dim = 32
+    cfg.model.rope_scaling.factor = 4.0
+    mc = build_model_config(cfg, None)
+    assert (mc.norm_eps, mc.mask, mc.head_dim, mc.rope_scaling.factor) == (1e-6, "prefix", 32, 4.0)
+    assert mc.rope_scaling.original_max_position_embeddings == 8192  # the rest of the defaults
+    assert attribute_docs(ModelConfig)["norm_eps"] == "Epsilon of the normalisation layers."
+
+
+def test_unwritable_run_dir_is_a_clear_error(tiny_data, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    assert cli(tiny_args(tiny_data, blocker / "run")) == 1
+    err = capsys.readouterr().err
+    assert "is not a writable directory" in err and "Traceback" not in err

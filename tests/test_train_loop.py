@@ -298,3 +298,72 @@ def test_pretrain_resume_is_exact(tiny_data, tmp_path):
     r1 = json.loads((tmp_path / "straight" / "result.json").read_text())
     r2 = json.loads((tmp_path / "resumed" / "result.json").read_text())
     assert r1["val_loss"] == r2["val_loss"] and r1["tokens_seen"] == r2["tokens_seen"]
+
+    # SIGTERM (cluster preemption) to a real `ember pretrain` process at some point mid-run
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "preempted"
+    proc = subprocess.Popen([sys.executable, "-m", "ember", *args(run, "--train.save-every", "0")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "SIGTERM: saved step" in out and "Traceback" not in out
+    stopped = max(_train_losses(run))
+    assert stopped < 20 and (run / "checkpoints" / f"step_{stopped:07d}").is_dir()
+    assert cli(args(run, "--resume")) == 0
+    preempted = _train_losses(run)
+    assert [preempted[s] for s in range(1, 21)] == [straight[s] for s in range(1, 21)]
+
+
+def test_signal_mid_step_stops_at_the_boundary_and_resumes_exactly(tmp_path):
+    """SIGINT (or SIGTERM) delivered inside a step, after the loader moved on: the step finishes, fit stops
+    after it, the checkpoint resumes to the uninterrupted losses (random step and micro-batch)."""
+    import os
+    import random
+    import signal
+
+    from ember.train.state import latest_checkpoint
+
+    ref = make_trainer(max_steps=6, accum=2, batch_size=2).fit()["losses"]
+    rng = random.Random(0)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        at_call = rng.randrange(2, 10)  # the loss_fn call (micro-batch) the signal lands in
+        run = tmp_path / sig.name
+        tr = make_trainer(run, max_steps=6, accum=2, batch_size=2)
+        inner, calls = tr.loss_fn, {"n": 0}
+
+        def interrupting(model, batch, _inner=inner, _calls=calls, _at=at_call, _sig=sig):
+            _calls["n"] += 1
+            if _calls["n"] == _at:
+                os.kill(os.getpid(), _sig)
+            return _inner(model, batch)
+
+        interrupting.weight = inner.weight
+        tr.loss_fn = interrupting
+        summary = tr.fit()
+        assert tr.stopped_by == sig and summary["stopped_by"] == sig
+        assert tr.step == (at_call + 1) // 2 < 6  # the step in flight was completed, no further one
+        tr.save()
+        again = make_trainer(run, max_steps=6, accum=2, batch_size=2)
+        again.resume(latest_checkpoint(run))
+        assert summary["losses"] + again.fit()["losses"] == ref
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_train_config_refuses_nonsense():
+    for kw, msg in [(dict(max_steps=0), "train.max_steps=0"), (dict(lr=-1.0), "train.lr=-1.0"),
+                    (dict(lr=float("nan")), "train.lr=nan"), (dict(grad_accum_steps=0), "grad_accum_steps=0"),
+                    (dict(warmup_steps=-1), "warmup_steps=-1"), (dict(min_lr=1.0, lr=0.1), "min_lr=1.0"),
+                    (dict(grad_clip=-1.0), "grad_clip"), (dict(weight_decay=-0.1), "weight_decay")]:
+        with pytest.raises(ValueError, match=msg.replace(".", r"\.").replace("(", r"\(")):
+            TrainConfig(**kw)

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 
+MAX_BLOCK_SIZE = 1 << 20
+"""Longest context a config may ask for (the RoPE / learned position tables are allocated whole)."""
+
+
 @dataclass
 class RopeScaling:
     """Llama-3 RoPE frequency scaling (https://arxiv.org/abs/2407.21783, `rope_type: llama3`)."""
@@ -72,6 +76,16 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = RopeScaling(**self.rope_scaling)
+        for name in ("vocab_size", "n_layer", "n_embd", "n_head", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: expected at least 1")
+        if self.block_size > MAX_BLOCK_SIZE:
+            raise ValueError(f"block_size={self.block_size}: expected at most {MAX_BLOCK_SIZE:,} positions "
+                             "(the position tables are allocated whole)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout}: expected a probability in [0, 1)")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps={self.norm_eps}: expected > 0")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
