@@ -33,7 +33,7 @@ from ember.infer.sample import SamplingParams  # noqa: E402
 from ember.models import Transformer, from_state_dict  # noqa: E402
 from ember.models import hf as hfconv  # noqa: E402
 from ember.models.kv_cache import clear_caches, setup_caches  # noqa: E402
-from ember.models.packing import decode_fused, fused_views, fused_weight, pack_for_decode, unpack  # noqa: E402
+from ember.infer.decode import decode_fused, fused_views, fused_weight, pack_for_decode, unpack  # noqa: E402
 
 
 def build_hf(name: str):
@@ -167,7 +167,7 @@ def main() -> None:
     print(machine_line(), f"| load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     hf, model_type = hf_from_checkpoint(args.checkpoint) if args.checkpoint else build_hf(args.model)
     model = to_ember(hf, model_type)  # packed below for batches <= PACK_MAX_BATCH, as generate does
-    plain = to_ember(hf, model_type)  # row-major weights as loaded: ember without models/packing
+    plain = to_ember(hf, model_type)  # row-major weights as loaded: ember without infer/decode
     n_params = model.num_params()
     what = f"{args.checkpoint} ({model_type})" if args.checkpoint else f"{args.model}-shaped {model_type}, random weights"
     print(f"model: {what}, {n_params / 1e6:.1f}M params, fp32; "

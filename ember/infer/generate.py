@@ -26,7 +26,7 @@ from torch import nn
 from ember.errors import EmberError
 from ember.infer.sample import SamplingParams, sample, seen_mask, update_seen
 from ember.models.kv_cache import clear_caches, setup_caches
-from ember.models.packing import decode_linear, fused_views, pack_for_decode, unpack
+from ember.infer.decode import decode_linear, fused_views, pack_for_decode, unpack
 
 
 # ------------------------------------------------------------------------------ one forward each
@@ -42,7 +42,11 @@ def decode_step(model: nn.Module, tokens: torch.Tensor, input_pos: torch.Tensor,
     Runs `hidden_states` and applies the head (a large share of the FLOPs for a big vocab) to the
     last position only. All arguments positional: the form `compiled_decode_step` compiles.
     """
-    h = model.hidden_states(tokens, input_pos=input_pos, positions=positions, attn_mask=attn_mask)[:, -1]  # (B, C)
+    # eagerly, slots after the last one written are empty: attend over the filled ones only (compiled
+    # steps keep the static length, so one graph serves every step)
+    kv_len = None if torch.compiler.is_compiling() else int(input_pos.max()) + 1
+    h = model.hidden_states(tokens, input_pos=input_pos, positions=positions, attn_mask=attn_mask,
+                            kv_len=kv_len)[:, -1]  # (B, C)
     return logits_of(h, model.output)
 
 
@@ -143,7 +147,7 @@ def generate_iter(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_to
     does not know) are never sampled. The KV cache is set up here and removed at the end; the model
     runs through `hidden_states` and the head is applied to the last position only.
     On CPU, `pack` (the default) first lays the weights out for decoding, in place
-    (models/packing.pack_for_decode; no extra memory; the model stays usable and trainable) when the
+    (infer/decode.pack_for_decode; no extra memory; the model stays usable and trainable) when the
     batch has at most PACK_MAX_BATCH rows, and back to PyTorch's row-major layout for larger batches,
     where the column-major head is slower (SmolLM2 shape, batch 8: 61 vs 69 tok/s).
     """

@@ -23,7 +23,6 @@ from torch import nn
 
 from ember.models.config import ModelConfig
 from ember.models.layers import Block, make_norm, rope_cache
-from ember.models.packing import decode_linear
 
 
 def attention_mask(mode: str, T: int, S: int, device: torch.device, input_pos: Optional[torch.Tensor] = None,
@@ -122,12 +121,15 @@ class Transformer(nn.Module):
         """
         h = self.hidden_states(tokens, input_pos=input_pos, positions=positions, prefix_len=prefix_len,
                                attn_mask=attn_mask)
-        return decode_linear(self.output, h) if self.output is not None else h
+        return self.output(h) if self.output is not None else h
 
     def hidden_states(self, tokens: torch.Tensor, *, input_pos: Optional[torch.Tensor] = None,
                       positions: Optional[torch.Tensor] = None, prefix_len: Optional[torch.Tensor] = None,
-                      attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      attn_mask: Optional[torch.Tensor] = None, kv_len: Optional[int] = None) -> torch.Tensor:
         """The final-norm output (B, T, C) that `output` turns into logits; arguments as `forward`.
+
+        kv_len: with caches, attend over the first kv_len cache slots only (a decoder that knows the
+        slots after them are empty passes it: the inference engine does, eagerly); None = all slots.
 
         Losses that fuse the head (train/fused_loss.py) call this and `output.weight` so the
         (B, T, V) logits are never materialised. It bypasses `__call__`, so module hooks of the
@@ -141,11 +143,11 @@ class Transformer(nn.Module):
             h = h + self.pos_embeddings(positions)
         h = self.drop(h)
         rope = self.rope[positions].unsqueeze(-2) if self.rope is not None else None  # (T, 1, 2D) or (B, T, 1, 2D)
-        S, kv_len = self._key_len(T, input_pos), None
-        if S > T and self.cfg.mask != "prefix" and not torch.compiler.is_compiling():
-            # eager decoding: slots after the last one written are empty and invisible to every query,
-            # so attend over the filled ones only (compiled steps keep the static length)
-            S = kv_len = min(S, int(input_pos.max()) + 1)
+        S = self._key_len(T, input_pos)
+        if kv_len is not None and (self.cfg.mask == "prefix" or input_pos is None or S <= T):
+            kv_len = None  # the prefix mask needs every slot; without a cache there is nothing to cut
+        if kv_len is not None:
+            S = kv_len = min(S, kv_len)
         if kv_len is not None and T == 1 and attn_mask is None:
             mask, is_causal = None, False  # one query at the last filled slot sees every filled slot
         else:

@@ -1,4 +1,4 @@
-"""models/packing: the decode layout and the split GEMV give the same results as the plain model."""
+"""infer/decode: the decode layout, the split GEMV and the batch-1 block step give the same results as the plain model."""
 
 import contextlib
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from ember.infer.generate import generate
 from ember.infer.sample import SamplingParams
 from ember.models import Transformer, preset
-from ember.models.packing import fused_views, fused_weight, is_packed, pack_for_decode, split_linear, unpack
+from ember.infer.decode import fused_views, fused_weight, is_packed, pack_for_decode, split_linear, unpack
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -116,19 +116,23 @@ def test_generate_packs_small_batches_and_unpacks_larger_ones(two_threads):
 def test_fused_views_hold_the_group_views_only_inside_the_block(two_threads):
     m = _model("tiny-llama")
     attn, ffn = m.layers["0"].attention, m.layers["0"].feed_forward
+    from ember.models.layers import Attention, SwiGLU
+
     with fused_views(m) as n:
-        assert n == 0 and attn.fused is None  # not packed: nothing to hold
+        assert n == 0 and attn._fused is None  # not packed: nothing to hold
     pack_for_decode(m)
     tokens = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         ref = m(tokens[:, -1:])
         with fused_views(m) as n:
             assert n == 2 * m.cfg.n_layer
-            weight, _ = attn.fused
+            weight, _ = attn._fused
             assert weight.shape == (attn.wq.out_features + 2 * attn.wk.out_features, m.cfg.n_embd)
-            assert weight.data_ptr() == attn.wq.weight.data_ptr() and ffn.fused is not None
+            assert weight.data_ptr() == attn.wq.weight.data_ptr() and ffn._fused is not None
             torch.testing.assert_close(m(tokens[:, -1:]), ref, rtol=1e-5, atol=1e-5)
-    assert "fused" not in vars(attn) and attn.fused is None and ffn.fused is None  # dropped on exit
+    # dropped on exit: the model's own plain classes again
+    assert type(attn) is Attention and type(ffn) is SwiGLU and "_fused" not in vars(attn)
+    assert all(type(mod) is torch.nn.Linear for mod in m.modules() if isinstance(mod, torch.nn.Linear))
 
 
 @pytest.mark.parametrize("name,over", [("tiny", {}), ("tiny-llama", {}), ("tiny-llama", dict(n_kv_head=1, bias=True))])
@@ -136,7 +140,9 @@ def test_block_decoder_steps_match_the_modules(name, over, two_threads, monkeypa
     """Batch-1 decode steps through layers.BlockDecoder (inside fused_views) == through the modules."""
     from ember.models import preset
     from ember.models.kv_cache import clear_caches, setup_caches
-    from ember.models.layers import BlockDecoder
+    from ember.infer.decode import BlockDecoder
+    from ember.infer.generate import decode_step
+    from ember.models.layers import Block
 
     m = Transformer(preset(name, **over))
     m.init_weights(0)
@@ -150,9 +156,9 @@ def test_block_decoder_steps_match_the_modules(name, over, two_threads, monkeypa
     def steps(views: bool, per_sample: bool = False) -> torch.Tensor:
         setup_caches(m, 1, 16)
         with torch.inference_mode(), (fused_views(m) if views else contextlib.nullcontext()):
-            outs = [m(x[:, :5], input_pos=torch.arange(5))[:, -1]]
-            outs += [m(x[:, t:t + 1], input_pos=torch.tensor([t]),
-                       positions=torch.tensor([[t]]) if per_sample else None)[:, -1] for t in range(5, 12)]
+            outs = [decode_step(m, x[:, :5], torch.arange(5), None, None)]
+            outs += [decode_step(m, x[:, t:t + 1], torch.tensor([t]), torch.tensor([[t]]) if per_sample else None, None)
+                     for t in range(5, 12)]
         clear_caches(m)
         return torch.cat(outs)
 
@@ -163,8 +169,8 @@ def test_block_decoder_steps_match_the_modules(name, over, two_threads, monkeypa
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(steps(True, per_sample=True), ref, rtol=1e-5, atol=1e-5)  # (B, T) positions
     with fused_views(m):
-        assert all(b.decoder is not None for b in m.layers.values())
-    assert all(b.decoder is None for b in m.layers.values())
+        assert all(b._decoder is not None for b in m.layers.values())
+    assert all(type(b) is Block and "_decoder" not in vars(b) for b in m.layers.values())
     unpack(m)
     with fused_views(m):  # not packed: no decoder, the modules run
-        assert all(b.decoder is None for b in m.layers.values())
+        assert all(type(b) is Block for b in m.layers.values())
