@@ -1,6 +1,6 @@
 """ember: a PyTorch-native system for large language models."""
 
-__version__ = "0.1.0"
+from ember._version import __version__
 
 
 def generate(*args, **kwargs):

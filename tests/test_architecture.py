@@ -1,4 +1,4 @@
-"""The dependency direction of ARCHITECTURE.md, checked on the source with `ast`.
+"""The dependency rules of docs/architecture.md, checked on the source with `ast`.
 
 Every `import ember.X` / `from ember.X import ...` / relative import / `importlib.import_module("ember.X")`
 in ember/**/*.py counts, including imports inside functions (lazy imports are still dependencies).
@@ -18,6 +18,8 @@ Rule table (a module in GROUP may import ember modules of the groups listed; its
 
     Nothing in ember imports `bench` or `tests`; only cli (and recipes) import recipes.
     `import ember` / `from ember import __version__` counts as base (the package __init__ is tiny).
+    Within apps: infer/ never imports train/ (inference runs without the training package).
+    ember/_version.py imports nothing. No file-level import cycle anywhere in ember/ (lazy imports count).
 
 A new top-level module or package under ember/ must be added to GROUPS (the test says so).
 """
@@ -35,7 +37,7 @@ PKG = ROOT / "ember"
 
 GROUPS = {
     "models": {"models"},
-    "base": {"config", "errors", "fileio", "log"},
+    "base": {"config", "errors", "fileio", "log", "_version"},
     "transforms": {"parallel", "peft", "quant", "compress"},
     "apps": {"train", "infer", "eval", "data", "tokenizer", "serve", "io"},
     "recipes": {"recipes"},
@@ -129,7 +131,63 @@ def violations(path: Path, source: str | None = None) -> list[str]:
                 bad.append(f"{where} ({tg} is above {group}; allowed: {sorted(ALLOWED[group])})")
         elif group == "models" and head not in MODELS_THIRD_PARTY and head not in sys.stdlib_module_names:
             bad.append(f"{where} (models imports torch and the standard library only)")
+        if head == "ember" and rel.parts[0] == "infer" and mod.split(".")[1:2] == ["train"]:
+            bad.append(f"{where} (infer never imports train: inference runs without the training package)")
+        if rel.as_posix() == "_version.py" and mod != "__future__":
+            bad.append(f"{where} (ember/_version.py imports nothing)")
     return bad
+
+
+def import_graph(sources: dict[Path, str] | None = None) -> dict[str, set[str]]:
+    """module -> the ember modules it imports (anywhere in the file), over every file of ember/."""
+    files = {f: None for f in ember_files()} if sources is None else sources
+    graph: dict[str, set[str]] = {}
+    for path, source in files.items():
+        name = module_name(path)
+        deps = set()
+        for _, mod in imports_of(path, source):
+            if mod.split(".")[0] != "ember":
+                continue
+            while mod and not _is_module(mod) and mod not in {module_name(p) for p in files}:
+                mod = mod.rpartition(".")[0]  # `from ember.x import Name`: the module is ember.x
+            if mod and mod != name and mod != "ember":
+                deps.add(mod)
+        graph[name] = deps
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected group of more than one module (Tarjan), as sorted lists."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in graph:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
 
 
 def ember_files() -> list[Path]:
@@ -142,6 +200,18 @@ def test_dependency_direction():
     assert len(files) > 10
     bad = [v for f in files for v in violations(f)]
     assert not bad, "dependency direction broken (see ARCHITECTURE.md):\n" + "\n".join(bad)
+
+
+def test_no_import_cycles():
+    cycles = find_cycles(import_graph())
+    assert not cycles, "file-level import cycles (lazy imports count):\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_cycle_finder_finds_a_planted_cycle():
+    a, b, c = PKG / "train" / "a.py", PKG / "train" / "b.py", PKG / "train" / "c.py"
+    graph = import_graph({a: "from ember.train.b import x\n", b: "def f():\n    from ember.train.c import y\n",
+                          c: "import ember.train.a\n"})
+    assert find_cycles(graph) == [["ember.train.a", "ember.train.b", "ember.train.c"]]
 
 
 def test_rule_table_covers_every_top_level_entry():
@@ -165,6 +235,8 @@ def test_rule_table_covers_every_top_level_entry():
     ("infer/x.py", "import bench.common\n", "bench or tests"),
     ("recipes/x.py", "from tests.test_cli import run\n", "bench or tests"),
     ("recipes/x.py", "from ember import cli\n", "cli is above recipes"),
+    ("infer/x.py", "def f():\n    from ember.train.loop import Trainer\n", "infer never imports train"),
+    ("_version.py", "import os\n", "imports nothing"),
 ])
 def test_checker_flags_violations(file, source, needle):
     bad = violations(PKG / file, source)

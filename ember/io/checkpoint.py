@@ -3,8 +3,13 @@
     <dir>/
       model.safetensors   the weights, contiguous, on cpu; a tied head is stored once (no output.weight)
       ember.json          {"format": "ember-checkpoint", "format_version": 1, "ember_version": ...,
-                           "model": <ModelConfig dict>, "tokenizer": "tokenizer/" | null,
+                           "model": <ModelConfig dict>, "head": {"kind": "lm"}, "tokenizer": "tokenizer/" | null,
                            "dtype": "float32", "extra": {...}}
+
+The head kind says what the model's output is: "lm" (next-token logits over the vocabulary),
+"classifier" (with "num_classes": N, logits over classes at the last real token) or "reward" (a
+scalar score). Files without "head" are LM checkpoints. `head_of(meta)` reads it; `load_checkpoint`
+builds LM models and refuses other kinds with the loader to use.
       tokenizer/          optional copy of the tokenizer (load it with `Tokenizer.load(dir / "tokenizer")`)
 
 Writes are atomic: the whole directory is built next to the target and renamed over it, so a crash
@@ -50,9 +55,35 @@ def save_checkpoint(model: Transformer, out_dir: str | Path, tokenizer_dir: Opti
     return save_state_dict(model.state_dict(), model.cfg, out_dir, tokenizer_dir=tokenizer_dir, extra=extra)
 
 
+HEAD_KINDS = ("lm", "classifier", "reward")
+
+
+def check_head(head: Optional[dict], where: str = "head") -> dict:
+    """A valid head description ({"kind": "lm"} when None)."""
+    head = dict(head or {"kind": "lm"})
+    kind = head.get("kind")
+    if kind not in HEAD_KINDS:
+        raise CheckpointError(f"{where}: head kind {kind!r}, expected one of {list(HEAD_KINDS)}. "
+                              "HINT: the checkpoint may come from a newer ember: upgrade ember")
+    if kind == "classifier":
+        n = head.get("num_classes")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+            raise CheckpointError(f"{where}: a classifier head needs 'num_classes' >= 2, got {n!r}. "
+                                  "HINT: the file is corrupt; re-save the checkpoint")
+    return head
+
+
+def head_of(meta: dict, where: str = "ember.json") -> dict:
+    """The head a checkpoint's metadata describes (LM for files written before heads were recorded)."""
+    return check_head(meta.get("head"), where)
+
+
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], model_cfg: ModelConfig, out_dir: str | Path,
-                    tokenizer_dir: Optional[str | Path] = None, extra: Optional[dict] = None) -> Path:
-    """Write a full (gathered) state dict of a `Transformer(model_cfg)` as a checkpoint directory."""
+                    tokenizer_dir: Optional[str | Path] = None, extra: Optional[dict] = None,
+                    head: Optional[dict] = None) -> Path:
+    """Write a full (gathered) state dict of a `Transformer(model_cfg)` as a checkpoint directory.
+
+    `head`: what the output is (see the module docstring); default {"kind": "lm"}."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -66,6 +97,7 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], model_cfg: ModelConf
         "format_version": FORMAT_VERSION,
         "ember_version": _ember_version(),
         "model": model_cfg.to_dict(),
+        "head": check_head(head),
         "tokenizer": f"{TOKENIZER}/" if tokenizer_dir is not None else None,
         "dtype": _dtype_name(tensors),
         "extra": dict(extra or {}),
@@ -118,7 +150,7 @@ def _dtype_name(tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 def _ember_version() -> str:
-    from ember import __version__
+    from ember._version import __version__
 
     return __version__
 
@@ -179,6 +211,10 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu",
     """
     d = Path(ckpt_dir)
     meta = read_meta(d)
+    head = head_of(meta, str(d / META))
+    if head["kind"] != "lm":
+        raise CheckpointError(f"{d / META}: holds a {head['kind']} head, not a language model. HINT: load it with "
+                              "the command that trains that kind (it returns the matching model)")
     cfg = model_config(meta, d)
     tensors = _read_tensors(d / WEIGHTS, device)
     _check_tensors(tensors, cfg, where=str(d / WEIGHTS))

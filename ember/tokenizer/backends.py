@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 from typing import AbstractSet, Iterable, Literal, Union
 
+from ember.tokenizer import formats
+
 AllowedSpecial = Union[None, Literal["all"], AbstractSet[str]]
 
 
@@ -60,7 +62,8 @@ class HFBackend:
         # special-token strings in the text are plain text unless asked for (see module doc)
         self.tok.encode_special_tokens = True
         self.specials = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
-        self.fast = fastpath.twin(tok.to_str(), pattern) if fast else None
+        parts = fastpath.twin(tok.to_str(), pattern) if fast else None
+        self.fast = TiktokenBackend("ember-bpe", *parts) if parts is not None else None
         self.engine = "tiktoken" if self.fast is not None else "hf"
 
     @property
@@ -165,3 +168,18 @@ class TiktokenBackend:
         from ember.tokenizer.formats import write_tiktoken_file
 
         (directory / "tokenizer.tiktoken").write_text(write_tiktoken_file(directory, self.ranks))
+
+
+def build_hf_bpe(pattern: str):
+    """An untrained byte-level BPE `tokenizers.Tokenizer` with the given split regex."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(formats.hf_pattern(pattern)), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    return tok

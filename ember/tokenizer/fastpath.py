@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 
 from ember.tokenizer import formats
-from ember.tokenizer.backends import TiktokenBackend
 
 _GPT2_BYTELEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
 
@@ -69,8 +68,9 @@ def _ranks(model: dict) -> dict[bytes, int] | None:
     return ranks
 
 
-def twin(hf_json: str, pattern_hint: str | None = None) -> TiktokenBackend | None:
-    """A TiktokenBackend encoding exactly like the tokenizer.json `hf_json`, or None."""
+def twin(hf_json: str, pattern_hint: str | None = None) -> tuple[str, dict[bytes, int], dict[str, int]] | None:
+    """(pattern, ranks, specials) of a tiktoken Encoding that encodes exactly like the tokenizer.json
+    `hf_json`, or None (backends.HFBackend builds the TiktokenBackend from them)."""
     spec = json.loads(hf_json)
     if spec.get("normalizer") is not None or not _plain_bpe(spec.get("model") or {}):
         return None
@@ -85,4 +85,4 @@ def twin(hf_json: str, pattern_hint: str | None = None) -> TiktokenBackend | Non
         return None
     ids = set(ranks.values())
     specials = {t["content"]: t["id"] for t in added if t["id"] not in ids}
-    return TiktokenBackend("ember-bpe", pattern, ranks, specials)
+    return pattern, ranks, specials

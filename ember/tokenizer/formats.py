@@ -20,6 +20,10 @@ from pathlib import Path
 
 from ember.errors import EmberError
 
+EMBER_META = "ember_tokenizer.json"
+"""The metadata file of a saved ember tokenizer (kind, special tokens, chat template, ...)."""
+META_VERSION = 1
+
 # The split patterns (regexes that cut text into pieces before BPE), exactly as tiktoken writes them.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 CL100K_PATTERN = (

@@ -1,4 +1,6 @@
-"""`Tokenizer.load`: detect what a path holds (by its files and their contents) and build the tokenizer."""
+"""`Tokenizer.load`: detect what a path holds (by its files and their contents) and build its backend.
+
+Every loader returns (backend, meta); `Tokenizer.load` wraps them (so this module needs no Tokenizer)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from ember.errors import EmberError
 from ember.log import warn
 from ember.tokenizer import formats
 from ember.tokenizer.backends import HFBackend, TiktokenBackend
-from ember.tokenizer.tokenizer import EMBER_META, META_VERSION, Tokenizer
+from ember.tokenizer.formats import EMBER_META, META_VERSION
 
 GPT2_NAMES = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
 _HINT = (
@@ -66,7 +68,7 @@ def _pick_template(value) -> str | None:
     return None
 
 
-def _load_hf_dir(directory: Path, meta: dict | None, engine: str) -> Tokenizer:
+def _load_hf_dir(directory: Path, meta: dict | None, engine: str) -> tuple:
     from tokenizers import Tokenizer as HFTokenizer
 
     path = directory / "tokenizer.json"
@@ -99,10 +101,10 @@ def _load_hf_dir(directory: Path, meta: dict | None, engine: str) -> Tokenizer:
             f"{path}: engine='tiktoken' needs a plain byte-level BPE (split regex + ByteLevel + BPE, no normalizer). "
             "HINT: use engine='auto'"
         )
-    return Tokenizer(backend, fields)
+    return backend, fields
 
 
-def _tiktoken_tokenizer(ranks_path: Path, meta: dict | None) -> Tokenizer:
+def _tiktoken_tokenizer(ranks_path: Path, meta: dict | None) -> tuple:
     ranks = formats.read_tiktoken_file(ranks_path)
     if meta is not None and "pattern" in meta:
         name, pattern, specials = ranks_path.stem, meta["pattern"], dict(meta.get("special_tokens") or {})
@@ -115,23 +117,23 @@ def _tiktoken_tokenizer(ranks_path: Path, meta: dict | None) -> Tokenizer:
             "using the GPT-2 pattern and no special tokens"
         )
         name, pattern, specials = ranks_path.stem, formats.GPT2_PATTERN, {}
-    return Tokenizer(TiktokenBackend(name, pattern, ranks, specials), _user_meta(meta or {}))
+    return TiktokenBackend(name, pattern, ranks, specials), _user_meta(meta or {})
 
 
-def _gpt2_tokenizer(vocab: Path, merges: Path, meta: dict | None, engine: str) -> Tokenizer:
+def _gpt2_tokenizer(vocab: Path, merges: Path, meta: dict | None, engine: str) -> tuple:
     ranks, specials, pairs = formats.read_gpt2_files(vocab, merges)
     pattern = (meta or {}).get("pattern", formats.GPT2_PATTERN)
     if engine == "hf":
         tok = _hf_from_ranks(ranks, specials, pairs, pattern)
-        return Tokenizer(HFBackend(tok, fast=False), _user_meta(meta or {}) | {"pattern": pattern})
-    return Tokenizer(TiktokenBackend(vocab.parent.name or "gpt2", pattern, ranks, specials), _user_meta(meta or {}))
+        return HFBackend(tok, fast=False), _user_meta(meta or {}) | {"pattern": pattern}
+    return TiktokenBackend(vocab.parent.name or "gpt2", pattern, ranks, specials), _user_meta(meta or {})
 
 
 def _hf_from_ranks(ranks: dict[bytes, int], specials: dict[str, int], pairs: list[tuple[str, str]], pattern: str):
     """The same BPE as a HF `tokenizers.Tokenizer` (byte-level, given split pattern and merges)."""
     from tokenizers import AddedToken, models
 
-    from ember.tokenizer.train import build_hf_bpe
+    from ember.tokenizer.backends import build_hf_bpe
 
     tok = build_hf_bpe(pattern)
     vocab = {formats.bytes_to_token_str(b): i for b, i in ranks.items()}
@@ -141,7 +143,7 @@ def _hf_from_ranks(ranks: dict[bytes, int], specials: dict[str, int], pairs: lis
     return tok
 
 
-def _load_dir(directory: Path, engine: str) -> Tokenizer:
+def _load_dir(directory: Path, engine: str) -> tuple:
     meta = _read_meta(directory)
     if meta is not None and meta.get("kind") == "tiktoken":
         return _tiktoken_tokenizer(directory / meta.get("ranks_file", "tokenizer.tiktoken"), meta)
@@ -157,7 +159,7 @@ def _load_dir(directory: Path, engine: str) -> Tokenizer:
     raise EmberError(f"{directory}: no tokenizer found (holds: {found}). {_HINT}")
 
 
-def _load_file(path: Path, engine: str) -> Tokenizer:
+def _load_file(path: Path, engine: str) -> tuple:
     if path.name in ("vocab.json", "encoder.json") or (path.suffix == ".json" and path.name != "tokenizer.json"):
         merges = path.with_name("merges.txt" if path.name != "encoder.json" else "vocab.bpe")
         return _gpt2_tokenizer(path, merges, _read_meta(path.parent), engine)
@@ -171,7 +173,7 @@ def _load_file(path: Path, engine: str) -> Tokenizer:
     raise EmberError(f"{path}: unknown tokenizer file format. {_HINT}")
 
 
-def load(path: Path, engine: str = "auto") -> Tokenizer:
+def load(path: Path, engine: str = "auto") -> tuple:
     """`engine`: "auto" (tiktoken where the files allow, else HF tokenizers), "tiktoken" or "hf"."""
     if engine not in ("auto", "tiktoken", "hf"):
         raise EmberError(f"engine={engine!r}: expected 'auto', 'tiktoken' or 'hf'")

@@ -26,9 +26,8 @@ from ember.errors import EmberError
 from ember.fileio import atomic_dir
 from ember.tokenizer import chat
 from ember.tokenizer.backends import AllowedSpecial, HFBackend, TiktokenBackend
+from ember.tokenizer.formats import EMBER_META, META_VERSION  # noqa: F401  (re-exported)
 
-EMBER_META = "ember_tokenizer.json"
-META_VERSION = 1
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 # eos candidates, in order, for tokenizers without metadata
 _EOS_GUESSES = (EOS, "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
@@ -188,7 +187,8 @@ class Tokenizer:
         files then save as tokenizer.json); "tiktoken" fails if tiktoken cannot encode this file."""
         from ember.tokenizer import loaders
 
-        return loaders.load(Path(path), engine)
+        backend, meta = loaders.load(Path(path), engine)
+        return cls(backend, meta)
 
     @property
     def engine(self) -> str:

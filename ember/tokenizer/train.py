@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 
 from ember.errors import EmberError
 from ember.tokenizer import formats
-from ember.tokenizer.backends import HFBackend, fix_surrogates, has_surrogates
+from ember.tokenizer.backends import HFBackend, build_hf_bpe, fix_surrogates, has_surrogates
 from ember.tokenizer.tokenizer import EOS, PAD, Tokenizer
 
 DEFAULT_SPECIALS = (EOS, PAD, "<|im_start|>", "<|im_end|>")
@@ -78,21 +78,6 @@ def _jsonl_text(path: Path, lineno: int, line: str, field: str) -> str:
     if not isinstance(value, str):
         raise EmberError(f"{path}:{lineno}: field {field!r} is a {type(value).__name__}, expected a string")
     return value
-
-
-def build_hf_bpe(pattern: str):
-    """An untrained byte-level BPE `tokenizers.Tokenizer` with the given split regex."""
-    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
-
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(formats.hf_pattern(pattern)), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    return tok
 
 
 class _Counting:
