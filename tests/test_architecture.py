@@ -118,7 +118,7 @@ def violations(path: Path, source: str | None = None) -> list[str]:
     group = group_of(top)
     if group is None:
         return [f"{path.relative_to(ROOT)}: ember/{rel.parts[0]} is not in the rule table of "
-                "tests/test_architecture.py; add it to the group ARCHITECTURE.md puts it in"]
+                "tests/test_architecture.py; add it to the group docs/architecture.md puts it in"]
     bad = []
     for line, mod in imports_of(path, source):
         where = f"{path.relative_to(ROOT)}:{line}: {group} imports {mod}"
@@ -199,7 +199,7 @@ def test_dependency_direction():
     files = ember_files()
     assert len(files) > 10
     bad = [v for f in files for v in violations(f)]
-    assert not bad, "dependency direction broken (see ARCHITECTURE.md):\n" + "\n".join(bad)
+    assert not bad, "dependency direction broken (see docs/architecture.md):\n" + "\n".join(bad)
 
 
 def test_no_import_cycles():

@@ -3,7 +3,7 @@
 Reference: transformers' LlamaForCausalLM; its weights are written to a GGUF file the way llama.cpp's
 convert_hf_to_gguf.py does (llama.cpp names, q/k rows permuted), with a byte-level BPE tokenizer
 trained here. The converted ember checkpoint must give HF's logits and the tokenizer's token ids.
-The real SmolLM2-135M-Instruct file (../shared/DATA.md) is used when it has been unpacked to models/.
+The real SmolLM2-135M-Instruct file is used when it has been unpacked to models/ (the README shows how).
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def test_permute_and_unpermute_are_inverse():
     assert not torch.equal(gguf_io.permute(w, 4), w)
 
 
-@pytest.mark.skipif(not REAL.is_file(), reason="unpack SmolLM2-135M-Instruct (../shared/DATA.md) into models/ to run")
+@pytest.mark.skipif(not REAL.is_file(), reason="unpack SmolLM2-135M-Instruct into models/ to run (see the README)")
 def test_real_smollm2_gguf_knows_the_capital_of_france(tmp_path):
     assert cli.main(["convert", "--from-gguf", str(REAL), "--out", str(tmp_path / "smol")]) == 0
     model, tok = api.load(tmp_path / "smol")

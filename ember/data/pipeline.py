@@ -1,6 +1,6 @@
 """`prepare`: raw documents -> clean, filter, dedup, scrub -> tokenizer -> token shards + manifest.
 
-Stages (see ARCHITECTURE.md):
+Stages:
 
     read (main) ─▶ chunks ─▶ Pool.imap, ordered: normalise, quality filter, scrub PII, fingerprint
                                   │

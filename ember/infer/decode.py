@@ -8,16 +8,9 @@ model's Linear, Attention, SwiGLU and Block modules for subclasses defined here 
 Weight layouts for fast decoding on CPU: `pack_for_decode(model)`, in place, with no extra memory.
 
 At batch 1 a decode step is a chain of matrix-vector products, bound by how fast the weights stream
-from memory, and on CPU (MKL sgemv) the layout of each weight decides that speed. Measured on the
-2-core CI machine with F.linear, fp32, batch 1, 12 weights of each shape in turn so none stays cached:
-
-    weight (out, in)         row-major (PyTorch's)     column-major ((in, out) storage)
-    768 -> 3*768  (q|k|v)         0.51 ms  14 GB/s          0.40 ms  18 GB/s
-    768 -> 3072   (fc, up)        0.70 ms  13 GB/s          0.46 ms  20 GB/s
-    3072 -> 768   (proj, down)    0.47 ms  20 GB/s          0.63 ms  15 GB/s
-    768 -> 50257  (head)         11.9 ms   13 GB/s          6.9 ms   22 GB/s
-
-so `pack_for_decode` stores every WIDE weight (out > in) column-major: the Parameter keeps its shape
+from memory, and on CPU (MKL sgemv) the layout of each weight decides that speed: wide weights
+(out > in: q|k|v, fc/up, the head) stream faster column-major, narrow ones (proj, down) row-major
+(bench/decode.py prints the rates it reaches). So `pack_for_decode` stores every WIDE weight column-major: the Parameter keeps its shape
 (out, in) and becomes a transposed view of an (in, out) buffer, and `F.linear` then runs x @ buffer.
 Weights that share an input are packed side by side into one buffer, q | k | v and a SwiGLU's
 gate | up, so a single GEMV reads them (`fused_weight` returns the (N, C) view over the group):
@@ -27,8 +20,8 @@ gate | up, so a single GEMV reads them (`fused_weight` returns the (N, C) view o
 Everything that reads parameters keeps working (they are views with the usual shapes): loading a
 state dict copies into the views, checkpoints save contiguous copies, and training still computes
 correct gradients (the fused view is used only with autograd off). A tied head is the embedding, so
-the embedding becomes column-major too: a row lookup is then a strided gather (5 ms for 1024 tokens
-of GPT-2, against seconds for the prefill itself). `unpack(model)` restores contiguous row-major
+the embedding becomes column-major too: a row lookup is then a strided gather (small next to the
+prefill itself). `unpack(model)` restores contiguous row-major
 weights (training is faster with them). Only plain `nn.Linear`s on CPU are touched; LoRA-wrapped,
 quantized, hooked or DTensor (sharded) weights are left alone.
 
@@ -358,12 +351,11 @@ def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
                  parts: Optional[int] = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for a few rows of x on CPU, as `parts` independent GEMVs in one bmm.
 
-    MKL's sgemv runs a (1, C) x (C, N) product on one core at a time (about 18 GB/s here), while bmm
-    hands each of its batch items to its own thread. Splitting the N outputs into `parts` (default:
-    the intra-op thread count) slices of the weight, each a view (row slices of a row-major weight,
-    column slices of a column-major one), streams the weight with every core (measured: 25 GB/s
-    for GPT-2's head, 20 GB/s for its MLP projections, against 19 and 13-16 for F.linear). No weight
-    is copied; a remainder of N % parts outputs takes one more small product.
+    MKL's sgemv runs a (1, C) x (C, N) product on one core at a time, while bmm hands each of its
+    batch items to its own thread. Splitting the N outputs into `parts` (default: the intra-op thread
+    count) slices of the weight, each a view (row slices of a row-major weight, column slices of a
+    column-major one), streams the weight with every core. No weight is copied; a remainder of
+    N % parts outputs takes one more small product.
     """
     P = parts or torch.get_num_threads()
     N, C = weight.shape

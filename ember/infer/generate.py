@@ -149,7 +149,7 @@ def generate_iter(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_to
     On CPU, `pack` (the default) first lays the weights out for decoding, in place
     (infer/decode.pack_for_decode; no extra memory; the model stays usable and trainable) when the
     batch has at most PACK_MAX_BATCH rows, and back to PyTorch's row-major layout for larger batches,
-    where the column-major head is slower (SmolLM2 shape, batch 8: 61 vs 69 tok/s).
+    where the column-major head is slower (bench/decode.py measures both).
     """
     params = (params or SamplingParams()).validate()
     if not prompts or any(len(p) == 0 for p in prompts):

@@ -1,4 +1,4 @@
-"""A tiktoken twin for HF byte-level BPE tokenizers: same ids, about 4-6x faster encoding.
+"""A tiktoken twin for HF byte-level BPE tokenizers: same ids, faster encoding (bench/tokenizer.py).
 
 A `tokenizer.json` whose pipeline is exactly "split regex -> ByteLevel -> BPE" (no normalizer, no
 dropout/prefix/suffix/byte-fallback, merges in id order) is the same function as a tiktoken Encoding

@@ -2,7 +2,7 @@
 
 With a 50k vocabulary the logits dominate a small model's memory traffic: B=8, T=256, V=50304 is
 412 MB of fp32 logits, then as much again for log-softmax, its gradient and the logits' gradient.
-On a CPU with ~22 GB/s that traffic (and the page faults of allocating it afresh each step) costs
+On a memory-bound CPU that traffic (and the page faults of allocating it afresh each step) costs
 more than the attention. Here the rows are processed in chunks, reusing one buffer:
 
     for each chunk of N_c rows:                         (N_c, C) hidden, (V, C) weight
