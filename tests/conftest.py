@@ -3,6 +3,15 @@
 import lzma
 
 import pytest
+import torch
+
+
+@pytest.fixture
+def set_threads():
+    """Set torch's intra-op thread count for one test (`set_threads(1)`); restored afterwards."""
+    n = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

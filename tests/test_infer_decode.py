@@ -21,11 +21,8 @@ def _model(name: str) -> Transformer:
 
 
 @pytest.fixture
-def two_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
+def two_threads(set_threads):
+    set_threads(2)
 
 
 @pytest.mark.parametrize("shape", [(300, 64), (64, 300), (257, 96), (7, 5)])

@@ -16,12 +16,9 @@ GREEDY = SamplingParams(temperature=0)
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def one_thread(set_threads):
     """Tiny models are overhead-bound: one thread is faster (and steadier on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    set_threads(1)
 
 
 def _model(name, seed=0):

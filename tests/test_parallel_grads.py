@@ -33,6 +33,17 @@ def test_clip_leaves_nonfinite_grads_for_the_caller():
 
 
 def test_no_sync_on_plain_model_is_noop():
+    """On a plain (unwrapped) model no_sync changes nothing: gradients accumulate exactly as without it."""
     model = Transformer(preset("tiny"))
-    with no_sync(model, True), no_sync(model, False):
-        pass
+    model.init_weights(0)
+    x = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(x).sum().backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with no_sync(model, True):
+        model(x).sum().backward()
+    with no_sync(model, False):
+        model(x).sum().backward()
+    for p, g in zip(model.parameters(), ref):
+        torch.testing.assert_close(p.grad, 2 * g)
+    assert not hasattr(model, "require_backward_grad_sync") or model.require_backward_grad_sync

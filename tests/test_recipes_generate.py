@@ -26,12 +26,9 @@ TEXT = ["the quick brown fox jumps over the lazy dog. ", "hello world, hello the
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def one_thread(set_threads):
     """Tiny models are overhead-bound: one thread is faster (and steadier on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    set_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +118,13 @@ def test_context_window_errors_truncation_and_clamping(ckpt, capsys):
 
 
 def test_empty_prompt_samples_unconditionally(ckpt):
-    assert isinstance(api.generate(str(ckpt / "ck"), "", max_new_tokens=4)[0], str)
+    """An empty prompt starts from the EOS id (the document separator): the same text as that token."""
+    model, tok = api.load(str(ckpt / "ck"))
+    out = api.generate(str(ckpt / "ck"), "", max_new_tokens=6, temperature=1.0, top_k=None, seed=3)
+    ref = api.generate_texts(model, tok, [[tok.eos_id]], 6, api.SamplingParams(1.0, None), (), (),
+                             torch.Generator().manual_seed(3), None, 8, False)
+    assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)
+    assert out == ref and out[0]  # the same sample as from [EOS], and not empty
 
 
 def test_bad_checkpoint_tokenizer_and_prompt_file(ckpt, tmp_path, capsys):
