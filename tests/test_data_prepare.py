@@ -294,3 +294,21 @@ def test_bundled_assets_match_their_readme():
         total += len(data)
         assert hashlib.sha256(data).hexdigest() in readme, path
     assert total < 3_000_000
+
+
+def test_bad_compressed_inputs_and_null_fields_are_clear_errors(tmp_path):
+    from ember.data.readers import ReadConfig, ReadStats, read_documents
+
+    good = gzip.compress(("\n".join(json.dumps({"text": f"doc {i} " * 20}) for i in range(200)) + "\n").encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(good[: len(good) // 2])
+    (tmp_path / "fake.jsonl.gz").write_bytes(b'{"text": "not gzip at all"}\n')
+    (tmp_path / "fake.jsonl.xz").write_bytes(b'{"text": "not xz at all"}\n')
+    for name, kind in (("cut.jsonl.gz", "gzip"), ("fake.jsonl.gz", "gzip"), ("fake.jsonl.xz", "xz")):
+        with pytest.raises(EmberError, match=rf"{name}: truncated or not a {kind} file"):
+            list(read_documents([tmp_path / name], ReadConfig(), ReadStats()))
+    (tmp_path / "n.jsonl").write_text('{"text": "fine"}\n{"text": null}\n{"body": "x"}\n{"text": 3}\n')
+    with pytest.raises(EmberError, match=r"n.jsonl:2: field 'text' is null\. HINT: fix the record"):
+        list(read_documents([tmp_path / "n.jsonl"], ReadConfig(), ReadStats()))
+    stats = ReadStats()
+    assert list(read_documents([tmp_path / "n.jsonl"], ReadConfig(skip_bad_lines=True), stats)) == ["fine"]
+    assert stats.bad_lines == 3

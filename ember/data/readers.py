@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator
@@ -98,13 +99,21 @@ def _read_txt(path: Path, cfg: ReadConfig, stats: ReadStats) -> Iterator[str]:
     yield from (text.split(cfg.txt_separator) if cfg.txt_separator else [text])
 
 
-def _field(obj: dict, where: str, cfg: ReadConfig) -> str:
+def _field(obj: dict, where: str, cfg: ReadConfig, stats: ReadStats) -> str | None:
+    """The record's text; a record without a string there is an error, or (skip_bad_lines) None, counted."""
     text = obj.get(cfg.text_field)
-    if not isinstance(text, str):
-        what = "missing" if text is None else f"a {type(text).__name__}, not a string"
-        raise EmberError(f"{where}: field '{cfg.text_field}' is {what}; keys are {sorted(obj)[:8]}. "
-                         "HINT: pass --text-field NAME")
-    return text
+    if isinstance(text, str):
+        return text
+    if cfg.skip_bad_lines:
+        stats.bad_lines += 1
+        return None
+    if cfg.text_field not in obj:
+        what = f"missing (keys are {sorted(obj)[:8]})"
+        hint = "HINT: pass --text-field NAME, or --skip-bad-lines to skip such records"
+    else:
+        what = "null" if text is None else f"a {type(text).__name__}, not a string"
+        hint = "HINT: fix the record, or pass --skip-bad-lines to skip such records"
+    raise EmberError(f"{where}: field '{cfg.text_field}' is {what}. {hint}")
 
 
 def _read_json_array(path: Path, cfg: ReadConfig, stats: ReadStats) -> Iterator[str]:
@@ -118,7 +127,9 @@ def _read_json_array(path: Path, cfg: ReadConfig, stats: ReadStats) -> Iterator[
         if not isinstance(obj, dict):
             raise EmberError(f"{path}: item {i} is a {type(obj).__name__}, expected an object with "
                              f"'{cfg.text_field}'. HINT: pass JSONL or an array of objects")
-        yield _field(obj, f"{path}: item {i}", cfg)
+        text = _field(obj, f"{path}: item {i}", cfg, stats)
+        if text is not None:
+            yield text
 
 
 def _starts_with_bracket(path: Path) -> bool:
@@ -144,7 +155,9 @@ def _read_jsonl(path: Path, cfg: ReadConfig, stats: ReadStats) -> Iterator[str]:
                     continue
                 raise EmberError(f"{path}:{lineno}: malformed JSONL line ({e}), expected one JSON object "
                                  "per line. HINT: fix the line or pass --skip-bad-lines") from None
-            yield _field(obj, f"{path}:{lineno}", cfg)
+            text = _field(obj, f"{path}:{lineno}", cfg, stats)
+            if text is not None:
+                yield text
 
 
 def _read_parquet(path: Path, cfg: ReadConfig, stats: ReadStats) -> Iterator[str]:
@@ -176,7 +189,12 @@ def read_documents(paths: list[str | Path], cfg: ReadConfig, stats: ReadStats) -
             raise EmberError(f"{path}: unknown input type, expected one of {'/'.join(SUFFIXES)} "
                              "(optionally .gz/.xz). HINT: rename the file or convert it")
         stats.files += 1
-        for text in reader(path, cfg, stats):
-            stats.docs += 1
-            stats.bytes += len(text.encode("utf-8"))
-            yield text
+        try:
+            for text in reader(path, cfg, stats):
+                stats.docs += 1
+                stats.bytes += len(text.encode("utf-8"))
+                yield text
+        except (EOFError, gzip.BadGzipFile, lzma.LZMAError, zlib.error) as e:
+            kind = {".gz": "gzip", ".xz": "xz"}.get(path.suffix, "compressed")
+            raise EmberError(f"{path}: truncated or not a {kind} file ({type(e).__name__}: {e}). "
+                             "HINT: re-download or re-compress it") from None

@@ -34,6 +34,7 @@ def main(cfg: Config) -> int:
 
     t0 = time.perf_counter()
     if not cfg.input:
+        _refuse_ignored_flags(cfg)
         out = bundled.prepare_default(cfg.out or None, vocab_size=cfg.vocab_size, num_proc=cfg.num_proc)
         manifest = shards.read_manifest(out)
     else:
@@ -47,3 +48,19 @@ def main(cfg: Config) -> int:
         f"{manifest['tokens']['val']:,} val tokens; vocab {manifest['vocab_size']}, eos {manifest['eos_id']}, "
         f"{manifest['dtype']} ({time.perf_counter() - t0:.1f} s)")
     return 0
+
+
+# without --input the bundled corpus is prepared with fixed settings; only these apply to it
+_BUNDLED_KEYS = {"out", "vocab_size", "num_proc", "progress", "input"}
+
+
+def _refuse_ignored_flags(cfg: Config) -> None:
+    from ember.config import to_dict
+    from ember.errors import EmberError
+    from ember.train.run import config_changes
+
+    ignored = [key for key, _, _ in config_changes(to_dict(Config()), to_dict(cfg)) if key.split(".")[0] not in _BUNDLED_KEYS]
+    if ignored:
+        flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+        raise EmberError(f"{flags}: apply only with --input (the bundled corpus is prepared with fixed settings). "
+                         "HINT: pass --input FILE... to prepare your own data with them")

@@ -165,8 +165,9 @@ def config_changes(saved: dict, now: dict) -> list[tuple[str, Any, Any]]:
     """(dotted key, checkpoint value, current value) for every key that differs."""
     import json
 
-    now = json.loads(json.dumps(now, default=str))  # as trainer.json stores it (tuples become lists)
-    a, b = _flatten(saved or {}), _flatten(now)
+    # as trainer.json stores them (tuples become lists)
+    saved, now = (json.loads(json.dumps(d or {}, default=str)) for d in (saved, now))
+    a, b = _flatten(saved), _flatten(now)
     keys = sorted(set(a) | set(b))
     return [(k, a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k) and not k.startswith(_RESUME_NEUTRAL)]
 
