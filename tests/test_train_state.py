@@ -2,7 +2,9 @@
 
 import json
 import lzma
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,6 +68,29 @@ def test_not_a_checkpoint_is_clear_error(tmp_path):
         state.read_trainer_meta(tmp_path)
 
 
+def _worker_with_rank(parent: int, rank: int):
+    """The pid of the torchrun worker with RANK=rank among the descendants of `parent` (Linux /proc)."""
+    todo, seen = [parent], set()
+    while todo:
+        pid = todo.pop()
+        try:
+            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            continue
+        for kid in map(int, kids):
+            if kid in seen:
+                continue
+            seen.add(kid)
+            try:
+                env = Path(f"/proc/{kid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
+                return kid
+            todo.append(kid)
+    return None
+
+
 @pytest.mark.slow
 def test_fsdp2_two_process_resume_and_load_into_one(tmp_path):
     """`ember pretrain --nproc-per-node 2` (FSDP2, gloo): resuming from step 4 gives the straight run's losses;
@@ -97,6 +122,33 @@ def test_fsdp2_two_process_resume_and_load_into_one(tmp_path):
 
     la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert [lb[s] for s in range(5, 9)] == [la[s] for s in range(5, 9)]
+
+    # SIGTERM to ONE rank mid-run: every rank stops after the same step and saves; --resume continues exactly
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "c"
+    proc = subprocess.Popen([sys.executable, "-m", "ember", *args(run, "--train.save-every", "0")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline, worker = time.time() + 120, None
+    while time.time() < deadline and proc.poll() is None:
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            worker = _worker_with_rank(proc.pid, 1)
+            if worker is not None:
+                break
+        time.sleep(0.05)
+    assert worker is not None, "rank 1 not found"
+    os.kill(worker, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert "SIGTERM: saved step" in out, out
+    stopped = state.latest_checkpoint(run)
+    assert stopped is not None and len(list(stopped.glob("rank_*.pt"))) == 2
+    assert cli(args(run, "--resume")) == 0
+    lc = losses(run)
+    assert [lc[s] for s in range(1, 9)] == [la[s] for s in range(1, 9)]
     final, _ = load_checkpoint(tmp_path / "a" / "final")
     ckpt = state.latest_checkpoint(tmp_path / "a")
     assert ckpt.name == "step_0000008" and len(list(ckpt.glob("rank_*.pt"))) == 2
