@@ -189,3 +189,12 @@ def test_chat_history_drops_oldest_turns_keeps_system(ckpt):
     assert ids == encode_chat(tok, [{"role": "system", "content": "be nice"}] + history)
     with pytest.raises(EmberError, match="shorter"):
         fit_history(tok, "be nice", [{"role": "user", "content": "x " * 200}], budget=60)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_device_without_cuda_blames_the_device_not_the_checkpoint(ckpt, capsys):
+    for device, msg in (("cuda", "CUDA is not available on this machine"), ("tpu", "device='tpu'"),
+                        ("cuda:x", "not a device")):
+        assert cli.main(["generate", "--checkpoint", str(ckpt / "ck"), "--prompt", "hi", "--device", device]) == 1
+        err = capsys.readouterr().err
+        assert msg in err and "safetensors" not in err and "Traceback" not in err

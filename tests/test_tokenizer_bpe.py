@@ -173,3 +173,14 @@ def test_cli_tokenizer_train_never_replaces_silently(tmp_path, capsys):
     assert "is a directory, expected a file" in capsys.readouterr().err
     assert main(["tokenizer", "train", "--input", str(data), "--out", str(data)]) == 1
     assert "is a file, expected a directory" in capsys.readouterr().err
+
+
+def test_cli_bad_pattern_regex_is_one_line(tmp_path, capsys):
+    from ember.cli import main
+
+    data = tmp_path / "corpus.txt"
+    data.write_text("".join(_texts(50, seed=1)))
+    assert main(["tokenizer", "train", "--input", str(data), "--out", str(tmp_path / "t"), "--pattern", "([a-z",
+                 "--vocab-size", "300", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "not a valid split regex" in err and "Traceback" not in err and not (tmp_path / "t").exists()

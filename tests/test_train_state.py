@@ -162,3 +162,48 @@ def test_fsdp2_two_process_resume_and_load_into_one(tmp_path):
                                       one.state_dict().items()):
         assert torch.equal(a, b) and torch.equal(a, c), n
 
+
+
+def test_disk_full_during_save_is_clear_and_leaves_no_tmp(tmp_path, monkeypatch):
+    import errno
+
+    from ember.io import checkpoint as plain
+
+    model, opt = _model_opt()
+    good = state.save_train_state(tmp_path, 1, model, opt, model_config=model.cfg.to_dict())
+    real_save = torch.save
+
+    def full(obj, f, *a, **k):
+        if str(f).endswith(".pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(EmberError, match=r"step_0000002: could not write the checkpoint \(No space left on device\)"):
+        state.save_train_state(tmp_path, 2, model, opt, model_config=model.cfg.to_dict())
+    monkeypatch.undo()
+    assert state.list_checkpoints(tmp_path) == [good] and not list((tmp_path / "checkpoints").glob(".*"))
+
+    plain.save_checkpoint(model, tmp_path / "final")
+    before = (tmp_path / "final" / "model.safetensors").read_bytes()
+
+    def full_file(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full_file)
+    with pytest.raises(EmberError, match="No space left on device.*nothing there was replaced"):
+        plain.save_checkpoint(model, tmp_path / "final")
+    assert (tmp_path / "final" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "final"]
+
+
+def test_huge_block_size_in_ember_json_is_a_clear_error(tmp_path):
+    from ember.io import checkpoint as plain
+
+    model, _ = _model_opt()
+    plain.save_checkpoint(model, tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "ember.json").read_text())
+    meta["model"]["block_size"] = 10 ** 12
+    (tmp_path / "ck" / "ember.json").write_text(json.dumps(meta))
+    with pytest.raises(EmberError, match=r"ember.json: 'model' is not a valid ModelConfig \(block_size=1000000000000"):
+        plain.load_checkpoint(tmp_path / "ck")

@@ -69,8 +69,9 @@ def load(checkpoint: Union[str, Path], device: str = "cpu", dtype: Union[str, to
          tokenizer: Union[str, Path, Any, None] = None) -> tuple[torch.nn.Module, Any]:
     """(model in eval mode, tokenizer) from a checkpoint directory; errors are `CheckpointError`/`EmberError`."""
     from ember.io.checkpoint import load_checkpoint
+    from ember.parallel import resolve_device
 
-    model, meta = load_checkpoint(checkpoint, device=device, dtype=parse_dtype(dtype))
+    model, meta = load_checkpoint(checkpoint, device=resolve_device(device), dtype=parse_dtype(dtype))
     tok = load_tokenizer(checkpoint, meta, tokenizer)
     check_vocab(tok, model)
     return model.eval(), tok

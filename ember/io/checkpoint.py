@@ -107,11 +107,15 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], model_cfg: ModelConf
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{out / META}: `extra` is not JSON-serialisable ({e}). "
                               "HINT: keep extra to str/int/float/bool/list/dict values.") from None
-    with atomic_dir(out) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        if tokenizer_dir is not None:
-            shutil.copytree(tokenizer_dir, tmp / TOKENIZER)
-        (tmp / META).write_text(meta_text + "\n")
+    try:
+        with atomic_dir(out) as tmp:
+            save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+            if tokenizer_dir is not None:
+                shutil.copytree(tokenizer_dir, tmp / TOKENIZER)
+            (tmp / META).write_text(meta_text + "\n")
+    except OSError as e:  # disk full, quota, permissions; atomic_dir left `out` as it was
+        raise CheckpointError(f"{out}: could not write the checkpoint ({e.strerror or e}); nothing there was "
+                              "replaced. HINT: free disk space or choose another directory") from None
     return out
 
 

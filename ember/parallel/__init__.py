@@ -14,7 +14,7 @@
 from ember.parallel.ac import apply_activation_checkpointing
 from ember.parallel.config import ParallelConfig
 from ember.parallel.dims import (ParallelDims, all_reduce_mean, barrier, destroy_distributed,
-                                 init_distributed, launched_by_torchrun)
+                                 init_distributed, launched_by_torchrun, resolve_device)
 from ember.parallel.grads import clip_grad_norm_, grad_norm, no_sync
 from ember.parallel.parallelize import (is_sharded, materialize, parallelize, resolve_data_parallel,
                                         unwrap)
@@ -22,7 +22,7 @@ from ember.parallel.precision import autocast, make_grad_scaler
 
 __all__ = [
     "ParallelConfig", "ParallelDims", "init_distributed", "destroy_distributed", "barrier", "all_reduce_mean",
-    "launched_by_torchrun",
+    "launched_by_torchrun", "resolve_device",
     "parallelize", "materialize", "unwrap", "is_sharded", "resolve_data_parallel",
     "apply_activation_checkpointing", "clip_grad_norm_", "grad_norm", "no_sync", "autocast", "make_grad_scaler",
 ]

@@ -69,16 +69,31 @@ def _env_int(name: str, default: int) -> int:
                          "HINT: launch with torchrun, which sets WORLD_SIZE, RANK and LOCAL_RANK") from None
 
 
-def _pick_device(device: str, local_rank: int) -> torch.device:
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """"auto" | "cpu" | "cuda" | "cuda:N" -> a usable torch.device, or one EmberError saying why not."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise EmberError(f"device={device!r}: not a device, expected cpu, cuda, cuda:N or auto") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise EmberError(f"device={device!r}: ember runs on cpu or cuda. HINT: pass --device cpu (or auto)")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise EmberError(f"device={device!r}: CUDA is not available on this machine, expected 'cpu' or "
-                             "'auto'. HINT: pass --device cpu (or auto)")
+            raise EmberError(f"device={device!r}: CUDA is not available on this machine (torch {torch.__version__}), "
+                             "expected 'cpu' or 'auto'. HINT: pass --device cpu (or auto)")
         if dev.index is None:
             dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        elif dev.index >= torch.cuda.device_count():
+            raise EmberError(f"device={device!r}: this machine has {torch.cuda.device_count()} GPU(s). "
+                             "HINT: pass --device cuda:0")
+    return dev
+
+
+def _pick_device(device: str, local_rank: int) -> torch.device:
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
         torch.cuda.set_device(dev)
     return dev
 

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import AbstractSet, Iterable, Literal, Union
 
+from ember.errors import EmberError
 from ember.tokenizer import formats
 
 AllowedSpecial = Union[None, Literal["all"], AbstractSet[str]]
@@ -175,9 +176,14 @@ def build_hf_bpe(pattern: str):
     from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
     tok = HFTokenizer(models.BPE())
+    try:
+        regex = Regex(formats.hf_pattern(pattern))
+    except Exception as e:  # tokenizers raises a bare Exception for an Oniguruma syntax error
+        raise EmberError(f"pattern {pattern!r}: not a valid split regex ({e}). HINT: use gpt2, cl100k or o200k, "
+                         "or fix the regex") from None
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(formats.hf_pattern(pattern)), behavior="isolated", invert=False),
+            pre_tokenizers.Split(regex, behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )

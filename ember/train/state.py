@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
@@ -130,6 +131,29 @@ def save_train_state(run_dir: str | Path, step: int, model: nn.Module, optimizer
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
+    try:
+        _write_state(tmp, step, model, optimizer, scheduler, loader, tokens_seen, dp_size, model_config, config,
+                     tokenizer_dir, extra)
+    except (OSError, RuntimeError, CheckpointException) as e:  # disk full, quota, permissions: keep what was there
+        if isinstance(e, RuntimeError) and "writ" not in str(e).lower():  # torch.save: "file write failed"
+            raise
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise EmberError(f"{final}: could not write the checkpoint ({_os_reason(e)}); the run's earlier "
+                         "checkpoints are untouched. HINT: free disk space (or pick another --run-dir) and "
+                         "resume with --resume") from None
+    _barrier()
+    if _rank() == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _prune(run_dir, keep_last)
+    _barrier()
+    return final
+
+
+def _write_state(tmp: Path, step: int, model, optimizer, scheduler, loader, tokens_seen: int, dp_size: int,
+                 model_config, config, tokenizer_dir, extra) -> None:
     msd, osd = get_state_dict(model, optimizer)
     with _quiet_dcp():
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
@@ -143,14 +167,16 @@ def save_train_state(run_dir: str | Path, step: int, model: nn.Module, optimizer
                 "dp_size": dp_size, "model_config": model_config, "tokenizer_dir": tokenizer_dir,
                 "config": config}
         atomic_write_text(tmp / "trainer.json", json.dumps(meta, indent=2, default=str) + "\n")
-    _barrier()
-    if _rank() == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        _prune(run_dir, keep_last)
-    _barrier()
-    return final
+
+
+def _os_reason(e: BaseException) -> str:
+    """The OS's words for a failed write, also when DCP wrapped the OSError."""
+    if isinstance(e, CheckpointException):
+        for exc, _ in e.failures.values():
+            if isinstance(exc, OSError):
+                e = exc
+                break
+    return getattr(e, "strerror", None) or str(e).splitlines()[0]
 
 
 def _prune(run_dir: str | Path, keep_last: int) -> None:
