@@ -11,7 +11,7 @@ slow HF down). Contenders (fp32, dropout 0):
     hf            GPT2LMHeadModel eager, default attention (sdpa), CE from logits
     hf_compiled   torch.compile of HF forward + CE
     ember         ember eager, plain path: cross_entropy(model(x), y)
-    ember_fused   ember eager, fused head + CE (ember.train.fused_loss.model_loss)
+    ember_fused   ember eager, fused head + CE (ember.train.loss.model_loss)
     ember_compiled  blocks compiled in place (block.compile(), as --parallel.compile) + fused head + CE
 
 Timings alternate the contenders each round (fair on a shared machine); the medians give tokens/s.
@@ -32,7 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 from bench.common import machine_line, median, time_interleaved  # noqa: E402
 from ember.models import from_state_dict  # noqa: E402
 from ember.models.hf import config_from_hf, state_dict_from_hf  # noqa: E402
-from ember.train.fused_loss import model_loss  # noqa: E402
+from ember.train.loss import model_loss  # noqa: E402
 from ember.train.loss import cross_entropy  # noqa: E402
 
 

@@ -9,8 +9,8 @@ tokens, a fixed cycle). Contenders, each a full optimizer step (fwd, bwd, clip 1
     hf              GPT2LMHeadModel, CE from logits, torch.optim.AdamW(model.parameters()) (default impl),
                     clip_grad_norm_: the plain loop a user writes
     hf_compiled     the same with torch.compile(model)
-    ember           ember.train.loop.Trainer.train_step, plain loss (--train.fused-loss false: logits + CE)
-    ember_fused     Trainer.train_step with TrainConfig.fused_loss=True (ember.train.fused_loss)
+    ember           ember.train.loop.Trainer.train_step, plain loss (--loss.fused false: logits + CE)
+    ember_fused     Trainer.train_step with the fused head + CE (LMLoss(LossConfig(fused=True)), the default)
     ember_compiled  the same with blocks compiled in place (ember.parallel.apply_compile, --parallel.compile)
 
 MFU = flops_per_token (ModelConfig.flops_per_token: 6N incl. the head + attention) x tokens/s / peak,
@@ -34,6 +34,7 @@ from bench.common import machine_line, measure_gemm_peak_flops, median, time_int
 from bench.forward_backward import add_model_args, build_models  # noqa: E402
 from ember.parallel.parallelize import apply_compile  # noqa: E402
 from ember.train.loop import Trainer, TrainConfig  # noqa: E402
+from ember.train.loss import LMLoss, LossConfig  # noqa: E402
 from ember.train.optim import build_optimizer, build_scheduler  # noqa: E402
 
 GEMM_N = 2048
@@ -49,6 +50,12 @@ class CycleLoader:
         b = self.batches[self.i % len(self.batches)]
         self.i += 1
         return b
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, sd):
+        self.i = sd["i"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,9 +83,10 @@ def hf_step_fn(hf, batches, lr: float, V: int):
 
 def ember_step_fn(model, batches, lr: float, fused_loss: bool):
     cfg = TrainConfig(batch_size=batches[0][0].shape[0], lr=lr, warmup_steps=1, schedule="constant",
-                      grad_clip=1.0, eval_every=0, log_every=10 ** 9, fused_loss=fused_loss)
+                      grad_clip=1.0, eval_every=0, log_every=10 ** 9)
     opt = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
-    trainer = Trainer(model, opt, build_scheduler(opt, cfg), CycleLoader(batches), None, cfg)
+    trainer = Trainer(model, opt, build_scheduler(opt, cfg), CycleLoader(batches), None, cfg,
+                      loss_fn=LMLoss(LossConfig(fused=fused_loss)))
     return lambda: trainer.train_step()["loss"]
 
 
