@@ -48,7 +48,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     found = _match(argv)
     if found is None:
-        print(f"ember: unknown command '{' '.join(argv[:2])}'\n\n{_usage()}", file=sys.stderr)
+        subs = [" ".join(k) for k in COMMANDS if len(k) > 1 and k[0] == argv[0]]
+        if subs:
+            given = f" '{argv[1]}'" if len(argv) > 1 and not argv[1].startswith("-") else ""
+            print(f"ember {argv[0]}: unknown or missing subcommand{given}; expected one of: "
+                  + ", ".join(f"ember {c}" for c in subs), file=sys.stderr)
+            return 2
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], sorted({k[0] for k in COMMANDS}), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        print(f"ember: unknown command '{' '.join(argv[:2])}'{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     words, rest = found
     recipe = importlib.import_module(COMMANDS[words][0])

@@ -99,9 +99,20 @@ def check_out_dir(out: str | Path, overwrite: bool = False, sources: tuple = (),
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise EmberError(f"{flag} {out}: already exists and is not empty; refusing to replace it. "
                          f"HINT: choose a new {flag} directory, or add --overwrite")
-    parent = o
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise EmberError(f"{flag} {out}: {parent} is not writable. HINT: choose a directory you can write to")
+    check_writable(out, flag)
     return out
+
+
+def check_writable(path: str | Path, flag: str = "--out") -> None:
+    """Fail before any work when `path` (a directory, or a file to create) could not be written: its
+    nearest existing ancestor must be a writable directory."""
+    from ember.errors import EmberError
+
+    p = Path(path).resolve()
+    while not p.exists():
+        p = p.parent
+    if p.is_file() and p != Path(path).resolve():
+        raise EmberError(f"{flag} {path}: {p} is a file, not a directory. HINT: choose another path")
+    target = p if p.is_dir() else p.parent
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise EmberError(f"{flag} {path}: {target} is not a writable directory. HINT: choose a path you can write to")

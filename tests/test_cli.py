@@ -101,3 +101,12 @@ def test_recipe_help_and_defaults(words, capsys):
 def test_every_command_module_is_a_recipe():
     for words, (mod, summary) in COMMANDS.items():
         assert mod.startswith("ember.recipes.") and summary
+
+
+def test_group_words_suggest_their_subcommands(capsys):
+    assert cli.main(["model"]) == 2
+    assert "expected one of: ember model info" in capsys.readouterr().err
+    assert cli.main(["data", "prep"]) == 2
+    assert "'prep'; expected one of: ember data prepare" in capsys.readouterr().err
+    assert cli.main(["pretrian"]) == 2
+    assert "did you mean 'pretrain'" in capsys.readouterr().err

@@ -76,3 +76,21 @@ def test_short_documents_and_determinism():
     assert shingle_hashes("Hello, World again", 2).tolist() == shingle_hashes("hello world AGAIN", 2).tolist()
     cfg = DedupConfig()
     assert np.array_equal(doc_fingerprint(doc(), cfg)[1], doc_fingerprint(doc(), cfg)[1])
+
+
+def test_minhash_of_a_huge_document_is_chunked_and_unchanged(monkeypatch):
+    """A document with more shingles than one chunk gets the same signature as in one update_batch call."""
+    import ember.data.dedup as dd
+
+    cfg = dd.DedupConfig()
+    text = " ".join(f"w{i % 9973} x{i % 7919}" for i in range(30_000))
+    whole = dd.minhash_values(text, cfg)
+    sizes = []
+    from datasketch import MinHash
+
+    real = MinHash.update_batch
+    monkeypatch.setattr(MinHash, "update_batch", lambda self, b: sizes.append(len(b)) or real(self, b))
+    monkeypatch.setattr(dd, "MINHASH_CHUNK", 1000)
+    chunked = dd.minhash_values(text, cfg)
+    assert len(sizes) > 10 and max(sizes) <= 1000
+    assert (whole == chunked).all()

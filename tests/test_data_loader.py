@@ -123,3 +123,44 @@ def test_errors(data, tmp_path):
     (data / "train_000001.bin").write_bytes(b"garbage")
     with pytest.raises(EmberError, match="HINT: re-run"):
         TokenLoader(data, "train", 4, 1)
+
+
+def _flip(path, token_index, new_value):
+    """Overwrite one token in place (as a disk or a careless script might)."""
+    dtype = np.dtype(shards.read_header(path)["dtype"])
+    data = bytearray(path.read_bytes())
+    off = shards.HEADER_SIZE + token_index * np.dtype(dtype).itemsize
+    data[off: off + np.dtype(dtype).itemsize] = np.array([new_value], dtype).tobytes()
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_shards_are_caught_when_opened(tmp_path):
+    """In-vocab corruption fails the digest; out-of-vocab ids name the file and offset, verified or not."""
+    d = make_dataset(tmp_path / "a", train_lengths=(1000,), val_lengths=(300,), vocab=2000)
+    _flip(d / "train_000000.bin", 10, 7)  # still a valid id: only the checksum knows
+    with pytest.raises(EmberError, match=r"train_000000.bin: token checksum mismatch"):
+        TokenLoader(d, "train", 16, 2)
+    loader = TokenLoader(d, "train", 16, 2, verify=False)  # opt-out for huge corpora: trains on it
+    loader.next_batch()
+    d = make_dataset(tmp_path / "b", train_lengths=(1000,), val_lengths=(300,), vocab=2000)
+    _flip(d / "train_000000.bin", 123, 5000)  # outside the vocabulary
+    with pytest.raises(EmberError, match=r"train_000000.bin: token checksum mismatch"):
+        TokenLoader(d, "train", 16, 2)
+    loader = TokenLoader(d, "train", 16, 2, verify=False)
+    with pytest.raises(EmberError, match=r"train_000000.bin: token 123 is id 5000, outside the vocabulary"):
+        for _ in range(100):
+            loader.next_batch()
+    # a shard replaced wholesale by another valid one: only the manifest's sha256 tells
+    d = make_dataset(tmp_path / "c", train_lengths=(1000,), val_lengths=(300,), vocab=2000)
+    shards.write_shard(d / "train_000000.bin", np.arange(1000) % 7, vocab_size=2000, eos_id=0)
+    with pytest.raises(EmberError, match=r"train_000000.bin: sha256 differs from the manifest's"):
+        TokenLoader(d, "train", 16, 2)
+
+
+def test_shard_ids_above_the_header_vocab_fail_verify(tmp_path):
+    path = tmp_path / "s.bin"
+    tokens = np.arange(100, dtype=np.uint32)
+    tokens[42] = 999
+    shards.write_shard(path, tokens, vocab_size=500, eos_id=0)  # digest matches what was written
+    with pytest.raises(EmberError, match=r"s.bin: token 42 is id 999, outside the vocabulary \(vocab_size 500\)"):
+        shards.read_shard(path, verify=True)

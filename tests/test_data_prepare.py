@@ -312,3 +312,36 @@ def test_bad_compressed_inputs_and_null_fields_are_clear_errors(tmp_path):
     stats = ReadStats()
     assert list(read_documents([tmp_path / "n.jsonl"], ReadConfig(skip_bad_lines=True), stats)) == ["fine"]
     assert stats.bad_lines == 3
+
+
+def test_nonsense_split_and_chunk_values_are_refused(tmp_path):
+    from ember.config import ConfigError, from_dict
+
+    for data, msg in (({"split": {"shard_tokens": 0}}, "split.shard_tokens=0"),
+                      ({"chunk_docs": 0}, "chunk_docs=0"), ({"split": {"val_fraction": 1.5}}, "val_fraction=1.5"),
+                      ({"num_proc": 0}, "num_proc=0")):
+        with pytest.raises(ConfigError, match=msg.replace(".", r"\.")):
+            from_dict(PrepareConfig, data)
+
+
+def test_cli_prepare_errors_are_single_prefixed_lines(tmp_path, capsys):
+    from ember.cli import main
+
+    assert main(["data", "prepare", "--split.shard-tokens", "0", "--input", "x", "--out", str(tmp_path / "o")]) == 2
+    err = " ".join(capsys.readouterr().err.replace("│", " ").split())
+    assert "shard_tokens=0: expected at least 1" in err and not (tmp_path / "o").exists()
+    assert main(["data", "prepare", "--filter.min-words", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "--filter.min-words: apply only with --input" in err
+    assert main(["data", "prepare", "--input", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("ember data prepare:") == 1 and "error: " in err
+
+
+def test_one_document_txt_dropped_by_max_words_hints_at_the_separator(tmp_path, tokenizer_dir):
+    (tmp_path / "book.txt").write_text(" ".join(f"word{i % 50}" for i in range(3000)) + "\n")
+    cfg = PrepareConfig(input=[str(tmp_path / "book.txt")], out=str(tmp_path / "o"), tokenizer=tokenizer_dir,
+                        progress=False, num_proc=1)
+    cfg.filter.max_words = 1000
+    with pytest.raises(EmberError, match="max_words.*--txt-separator"):
+        prepare(cfg)

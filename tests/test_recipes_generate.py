@@ -111,7 +111,11 @@ def test_context_window_errors_truncation_and_clamping(ckpt, capsys):
         api.generate(str(ckpt / "ck"), long, max_new_tokens=5)
     assert cli.main(["generate", "--checkpoint", str(ckpt / "ck"), "--prompt", long, "--max-new-tokens", "5"]) == 1
     assert "--truncate" in capsys.readouterr().err
+    capsys.readouterr()
     assert len(api.generate(str(ckpt / "ck"), long, max_new_tokens=5, truncate=True)) == 1
+    err = capsys.readouterr().err
+    n = len(api.load(str(ckpt / "ck"))[1].encode(long))
+    assert f"--truncate cut its first {n - 59} of {n} tokens (kept the last 59" in err
     # max_new_tokens beyond the window: clamped with a warning
     api.generate(str(ckpt / "ck"), "hello", max_new_tokens=500, temperature=0)
     assert "exceeds the context window" in capsys.readouterr().err
@@ -150,6 +154,7 @@ def test_chat_with_piped_stdin(ckpt):
                        cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("> ") >= 7 and "Traceback" not in r.stderr
+    assert "[cut: 6 tokens, the limit of --max-new-tokens]" in r.stdout  # a 6-token reply rarely ends by itself
     for msg in ("system prompt set", "conversation cleared", "unknown command '/bogus'"):
         assert msg in r.stderr
 
@@ -198,3 +203,12 @@ def test_device_without_cuda_blames_the_device_not_the_checkpoint(ckpt, capsys):
         assert cli.main(["generate", "--checkpoint", str(ckpt / "ck"), "--prompt", "hi", "--device", device]) == 1
         err = capsys.readouterr().err
         assert msg in err and "safetensors" not in err and "Traceback" not in err
+
+
+def test_unwritable_out_fails_before_generating(ckpt, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert cli.main(["generate", "--checkpoint", str(ckpt / "ck"), "--prompt", "hi", "--out",
+                     str(blocker / "out.jsonl")]) == 1
+    err = capsys.readouterr().err
+    assert "is a file, not a directory" in err and "Traceback" not in err

@@ -181,4 +181,4 @@ def test_unwritable_run_dir_is_a_clear_error(tiny_data, tmp_path, capsys):
     blocker.write_text("not a directory")
     assert cli(tiny_args(tiny_data, blocker / "run")) == 1
     err = capsys.readouterr().err
-    assert "is not a writable directory" in err and "Traceback" not in err
+    assert "is a file, not a directory" in err and "Traceback" not in err

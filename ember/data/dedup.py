@@ -80,8 +80,16 @@ def minhash_values(text: str, cfg: DedupConfig) -> np.ndarray:
         _PERMS[key] = MinHash(num_perm=cfg.num_perm, seed=cfg.seed).permutations
     m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, permutations=_PERMS[key],
                 hashfunc=int, **_scheme())
-    m.update_batch(shingle_hashes(text, cfg.shingle_words).tolist())
+    hashes = shingle_hashes(text, cfg.shingle_words)
+    # update_batch builds a (num_perm, n) matrix: in chunks, a huge document stays within ~100 MB
+    # (the signature is a running minimum, so chunking gives the same values)
+    for i in range(0, len(hashes), MINHASH_CHUNK):
+        m.update_batch(hashes[i:i + MINHASH_CHUNK].tolist())
     return m.hashvalues
+
+
+MINHASH_CHUNK = 1 << 16
+"""Shingles hashed per `update_batch` call (its working set is num_perm x chunk x 8 bytes)."""
 
 
 def doc_fingerprint(text: str, cfg: DedupConfig) -> tuple[bytes, np.ndarray | None]:

@@ -49,7 +49,7 @@ from ember.data.filters import FilterConfig, quality_reason
 from ember.data.readers import ReadConfig, ReadStats, read_documents
 from ember.data.report import Report
 from ember.errors import EmberError
-from ember.fileio import atomic_write_text, make_temp_dir
+from ember.fileio import atomic_write_text, check_writable, make_temp_dir
 
 
 @dataclass
@@ -292,11 +292,7 @@ def _check_out(out: Path) -> None:
         raise EmberError(f"--out {out}: holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, which "
                          "ember did not write (no ember manifest lists them) and would replace. HINT: choose a new "
                          "or empty --out directory")
-    parent = out.parent if not out.exists() else out
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise EmberError(f"--out {out}: {parent} is not writable. HINT: pick a directory you can write to")
+    check_writable(out)
 
 
 def _install(build: Path, out: Path) -> None:

@@ -99,9 +99,14 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], block_size: int, max_
         if ids == [None]:
             raise EmberError(f"prompt {i}: empty, and the tokenizer has no EOS token to start from. "
                              "HINT: give a non-empty prompt.")
-        if truncate and len(ids) + max_new_tokens > block_size:
+        n = len(ids)
+        if truncate and n + max_new_tokens > block_size:
             ids = ids[-max(1, block_size - max_new_tokens):]
-        out.append(fit_prompt(ids, block_size, max_new_tokens, truncate, where=f"prompt {i}"))
+        ids = fit_prompt(ids, block_size, max_new_tokens, truncate, where=f"prompt {i}")
+        if len(ids) < n:
+            warn(f"prompt {i}: --truncate cut its first {n - len(ids)} of {n} tokens (kept the last {len(ids)}, "
+                 f"leaving room for {max_new_tokens} new ones in the context of {block_size})")
+        out.append(ids)
     return out
 
 

@@ -83,7 +83,10 @@ def reply(model: torch.nn.Module, tok: Any, ids: list[int], cfg: Config, params:
     ends = stop_ids(tok)
     stream = TextStream(tok, [*cfg.stop, *END_OF_TURN, *NEW_TURN], skip_ids=ends)
 
+    seen = {"n": 0, "last": None}
+
     def on_token(b: int, token: int) -> bool:
+        seen["n"], seen["last"] = seen["n"] + 1, token
         _write(stream.push(token))
         return stream.stopped
 
@@ -93,6 +96,9 @@ def reply(model: torch.nn.Module, tok: Any, ids: list[int], cfg: Config, params:
                                generator=generator, pad_id=tok.pad_id or 0, vocab_limit=tok.vocab_size):
             pass
         _write(stream.flush())
+        if seen["n"] >= max_new and not stream.stopped and seen["last"] not in ends:
+            limit = ("--max-new-tokens" if max_new == cfg.max_new_tokens else "the context window")
+            _write(f" [cut: {max_new} tokens, the limit of {limit}]")
     except KeyboardInterrupt:  # Ctrl-C mid-reply: keep what was said, stay in the session
         _write(stream.flush() + " [stopped]")
     _write("\n")

@@ -96,6 +96,10 @@ def _write_results(cfg: Config, prompts: list[str], texts: list[str]) -> None:
 
 def main(cfg: Config) -> int:
     cfg.require_checkpoint("generate")  # before reading prompts
+    if cfg.out:
+        from ember.fileio import check_writable
+
+        check_writable(cfg.out)  # before the work, not after it
     prompts = _prompts(cfg)
     params = cfg.sampling_params()
     if cfg.num_samples < 1 or cfg.batch_size < 1 or cfg.max_new_tokens < 0:

@@ -69,12 +69,18 @@ def _throughput_axes(ax, records: list[dict]) -> None:
     ax.plot(*series(records, "train", "tokens_per_s"), color="tab:purple", label="tokens/s")
     ax.set(title="throughput", xlabel="step", ylabel="tokens/s")
     ms, mv = series(records, "train", "mfu")
-    if ms and any(mv):
-        twin = ax.twinx()
-        twin.plot(ms, [100 * v for v in mv], color="tab:red", lw=0.8, alpha=0.6, label="MFU")
-        twin.set_ylabel("MFU (%)", color="tab:red")
-        twin.set_ylim(bottom=0)
     ax.set_ylim(bottom=0)
+    if ms and any(mv):
+        # MFU is tokens/s times a constant: on an autoscaled twin axis the two lines would coincide, so
+        # MFU gets a fixed 0-100% scale (dashed) and tokens/s keeps headroom above it
+        twin = ax.twinx()
+        pct = [100 * v for v in mv]
+        twin.plot(ms, pct, color="tab:red", lw=1.0, ls="--", label="MFU (%)")
+        twin.set_ylabel("MFU (%)", color="tab:red")
+        twin.set_ylim(0, max(100.0, 1.1 * max(pct)))
+        ax.set_ylim(0, 1.6 * max(series(records, "train", "tokens_per_s")[1] or [1.0]))
+        lines = ax.get_lines() + twin.get_lines()
+        ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right", fontsize=8)
 
 
 def plot_run(run_dir: str | Path, out: Optional[str | Path] = None) -> list[Path]:
@@ -94,16 +100,22 @@ def plot_run(run_dir: str | Path, out: Optional[str | Path] = None) -> list[Path
     if not series(records, "train", "loss")[0]:
         raise EmberError(f"{run_dir / METRICS_FILE}: no training steps logged yet. "
                          "HINT: wait for the first log_every steps, or lower --train.log-every")
+    from ember.fileio import check_writable
+
     out_dir = Path(out) if out else run_dir / "plots"
+    check_writable(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     baseline = _baseline(run_dir)
     written = []
+    from matplotlib.ticker import MaxNLocator
+
     for name, draw in (("loss", lambda ax: _loss_axes(ax, records, baseline)),
                        ("lr", lambda ax: _lr_axes(ax, records)),
                        ("throughput", lambda ax: _throughput_axes(ax, records))):
         fig, ax = plt.subplots(figsize=(7, 4.2))
         draw(ax)
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         fig.tight_layout()
         fig.savefig(out_dir / f"{name}.png", dpi=110)
         plt.close(fig)
@@ -114,6 +126,7 @@ def plot_run(run_dir: str | Path, out: Optional[str | Path] = None) -> list[Path
     _throughput_axes(axes[2], records)
     for ax in axes:
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(str(run_dir))
     fig.tight_layout()
     fig.savefig(out_dir / "overview.png", dpi=100)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ember.errors import EmberError
+from ember.fileio import check_writable
 from ember.log import log, warn
 from ember.models import ModelConfig, Transformer
 from ember.parallel import ParallelConfig, ParallelDims
@@ -116,17 +117,6 @@ def claim_run_dir(run_dir: str | Path, resuming: bool, is_main: bool) -> Optiona
         except OSError as e:
             raise EmberError(f"run_dir {run_dir}: cannot create it ({e.strerror}). HINT: pick a writable --run-dir") from None
     return aside
-
-
-def check_writable(run_dir: str | Path) -> None:
-    """Fail now, before any work, when run_dir (or its nearest existing parent) cannot be written."""
-    import os
-
-    p = Path(run_dir).resolve()
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
-        raise EmberError(f"run_dir {run_dir}: {p} is not a writable directory. HINT: pick a writable --run-dir")
 
 
 def find_resume(cfg: RunConfig) -> Optional[Path]:
@@ -274,7 +264,7 @@ def start_run(cfg: RunConfig, dims: ParallelDims, mcfg: ModelConfig, loss_fn: Ca
     from ember.train.log import log_run_start
     from ember.train.optim import build_optimizer, build_scheduler
 
-    check_writable(cfg.run_dir)
+    check_writable(cfg.run_dir, "run_dir")
     ckpt = find_resume(cfg)
     if ckpt is not None:
         check_model_matches(ckpt, mcfg)
