@@ -60,6 +60,20 @@ def test_golden_losses_tiny():
     assert losses == pytest.approx(GOLDEN, abs=1e-4)
 
 
+def _steps_with_grads(**trainers):
+    """One train_step of each trainer, with the gradients each had when its optimizer stepped."""
+    grads = {}
+    for name, tr in trainers.items():
+        step = tr.optimizer.step
+
+        def record(*a, _tr=tr, _name=name, _step=step, **k):
+            grads[_name] = [p.grad.clone() for p in _tr.model.parameters()]
+            return _step(*a, **k)
+
+        tr.optimizer.step = record
+    return [tr.train_step() for tr in trainers.values()], grads
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["plain-loss", "fused-loss"])
 def test_grad_accumulation_equals_full_batch(fused):
     # Adam's first update is ~lr * sign(grad), so fp32 summation-order noise in tiny gradients shows up
@@ -71,16 +85,7 @@ def test_grad_accumulation_equals_full_batch(fused):
     kw = dict(max_steps=1, lr=1e-4, warmup_steps=0, fused_loss=fused)
     full = make_trainer(batch_size=4, accum=1, **kw)
     acc = make_trainer(batch_size=2, accum=2, **kw)
-    grads = {}
-    for name, tr in (("full", full), ("acc", acc)):
-        step = tr.optimizer.step
-
-        def record(*a, _tr=tr, _name=name, _step=step, **k):
-            grads[_name] = [p.grad.clone() for p in _tr.model.parameters()]
-            return _step(*a, **k)
-
-        tr.optimizer.step = record
-    r_full, r_acc = full.train_step(), acc.train_step()
+    (r_full, r_acc), grads = _steps_with_grads(full=full, acc=acc)
     assert r_full["loss"] == pytest.approx(r_acc["loss"], abs=1e-6)
     assert r_full["grad_norm"] == pytest.approx(r_acc["grad_norm"], rel=1e-5)
     for a, b in zip(grads["full"], grads["acc"]):
@@ -111,16 +116,7 @@ def test_uneven_masks_under_accumulation_equal_one_big_batch(fused):
     x, y = MaskedLoader(4).next_batch()
     counts = [(y[:2] != IGNORE_INDEX).sum().item(), (y[2:] != IGNORE_INDEX).sum().item()]
     assert counts[0] != counts[1]  # the case the old per-micro-batch mean got wrong
-    grads = {}
-    for name, tr in (("full", full), ("acc", acc)):
-        step = tr.optimizer.step
-
-        def record(*a, _tr=tr, _name=name, _step=step, **k):
-            grads[_name] = [p.grad.clone() for p in _tr.model.parameters()]
-            return _step(*a, **k)
-
-        tr.optimizer.step = record
-    r_full, r_acc = full.train_step(), acc.train_step()
+    (r_full, r_acc), grads = _steps_with_grads(full=full, acc=acc)
     assert r_full["loss"] == pytest.approx(r_acc["loss"], rel=1e-6)  # fp32 sums of ~600 nats
     for a, b in zip(grads["full"], grads["acc"]):
         assert torch.allclose(a, b, atol=1e-7, rtol=1e-5)
