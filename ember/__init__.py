@@ -2,6 +2,8 @@
 
 from ember._version import __version__
 
+__all__ = ["__version__", "generate"]
+
 
 def generate(*args, **kwargs):
     """Generate text from a checkpoint; see `ember.infer.api.generate`."""

@@ -16,7 +16,6 @@ import dataclasses
 import difflib
 import sys
 import types
-import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar, Union, get_args, get_origin, get_type_hints
 

@@ -4,7 +4,6 @@ import math
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from ember.errors import EmberError
 from ember.models import Transformer, preset
