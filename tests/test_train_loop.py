@@ -332,6 +332,8 @@ def test_signal_mid_step_stops_at_the_boundary_and_resumes_exactly(tmp_path):
 
     ref = make_trainer(max_steps=6, accum=2, batch_size=2).fit()["losses"]
     rng = random.Random(0)
+    before = {s: signal.signal(s, h) for s, h in ((signal.SIGINT, signal.default_int_handler),
+                                                   (signal.SIGTERM, signal.SIG_DFL))}  # as a terminal has them
     for sig in (signal.SIGINT, signal.SIGTERM):
         at_call = rng.randrange(2, 10)  # the loss_fn call (micro-batch) the signal lands in
         run = tmp_path / sig.name
@@ -354,6 +356,9 @@ def test_signal_mid_step_stops_at_the_boundary_and_resumes_exactly(tmp_path):
         again.resume(latest_checkpoint(run))
         assert summary["losses"] + again.fit()["losses"] == ref
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    for s, h in before.items():
+        signal.signal(s, h)
 
 
 def test_train_config_refuses_nonsense():

@@ -210,6 +210,8 @@ class StopRequest:
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(sig) is signal.SIG_IGN:
+                    continue  # started with the signal ignored (nohup, a background job): keep it so
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 

@@ -83,20 +83,30 @@ class LossConfig:
 
 
 class LMLoss:
-    """Next-token cross-entropy (the pretraining objective): units are targets that are not -100."""
+    """Next-token cross-entropy (pretraining, SFT): units are targets that are not -100.
+
+    Batches: `(inputs, targets)` tuples, or dicts {"input_ids", "labels"} with optional "positions"
+    and "attn_mask" (packed SFT rows: positions restart per document, block-diagonal attention)."""
 
     def __init__(self, cfg: Optional[LossConfig] = None):
         self.cfg = cfg or LossConfig()
 
+    @staticmethod
+    def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        if isinstance(batch, dict):
+            kw = {k: batch[k] for k in ("positions", "attn_mask") if batch.get(k) is not None}
+            return batch["input_ids"], batch["labels"], kw
+        return batch[0], batch[1], {}
+
     def weight(self, batch: Any) -> float:
-        return float((batch[1] != IGNORE_INDEX).sum())
+        return float((self._unpack(batch)[1] != IGNORE_INDEX).sum())
 
     def __call__(self, model: torch.nn.Module, batch: Any) -> LossOutput:
-        inputs, targets = batch[0], batch[1]
+        inputs, targets, kw = self._unpack(batch)
         if self.cfg.fused and not self.cfg.z_loss:
-            loss = model_loss(model, inputs, targets, reduction="sum")
+            loss = model_loss(model, inputs, targets, reduction="sum", **kw)
         else:
-            logits = model(inputs)  # (B, T, V)
+            logits = model(inputs, **kw)  # (B, T, V)
             loss = cross_entropy(logits, targets, reduction="sum")
             if self.cfg.z_loss:
                 loss = loss + self.cfg.z_loss * z_loss(logits, targets, reduction="sum")
