@@ -12,6 +12,7 @@ import sys
 # command words -> (recipe module, one-line summary)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("pretrain",): ("ember.recipes.pretrain", "train a model from scratch on token shards (the main job)"),
+    ("finetune",): ("ember.recipes.finetune", "fine-tune a checkpoint on instruction data (full or LoRA)"),
     ("generate",): ("ember.recipes.generate", "generate text from a checkpoint"),
     ("chat",): ("ember.recipes.chat", "chat with a checkpoint interactively"),
     ("convert",): ("ember.recipes.convert", "convert checkpoints to/from Hugging Face format"),

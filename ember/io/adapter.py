@@ -25,7 +25,7 @@ from ember.errors import EmberError
 from ember.fileio import atomic_dir
 from ember.models import ModelConfig
 from ember.models.hf import hf_model_type
-from ember.peft.lora import LoRAConfig, apply_lora, lora_modules
+from ember.peft.lora import ROLES, LoRAConfig, apply_lora, lora_modules
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -106,8 +106,11 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[LoRAConfig, dict]:
 def _roles_from_modules(modules: list[str] | str, where: Path) -> list[str]:
     if isinstance(modules, str):
         modules = [modules]
-    by_name = {v.split(".")[-1]: k for k, v in {**_GPT2, **_LLAMA}.items()}
-    roles = [by_name[m.split(".")[-1]] for m in modules if m.split(".")[-1] in by_name]
+    names = [(v, k) for table in (_GPT2, _LLAMA) for k, v in table.items()]  # (HF module name, role)
+    roles = []
+    for m in modules:  # PEFT matches a target by name suffix: "attn.c_proj", "q_proj", "self_attn.q_proj"
+        roles += [role for name, role in names if name == m or name.endswith("." + m) or m.endswith("." + name)]
+    roles = [r for r in ROLES if r in roles]
     if not roles:
         raise EmberError(f"{where}: target_modules {modules} name no linear ember knows")
     return roles

@@ -12,6 +12,10 @@ scalar score). Files without "head" are LM checkpoints. `head_of(meta)` reads it
 builds LM models and refuses other kinds with the loader to use.
       tokenizer/          optional copy of the tokenizer (load it with `Tokenizer.load(dir / "tokenizer")`)
 
+An adapter checkpoint (`ember finetune` with LoRA, unmerged) has no model.safetensors: ember.json
+records {"adapter": {"dir": "adapter", "base": <absolute path of the base checkpoint>}} and
+`adapter/` holds the adapter in PEFT's format (io/adapter.py); loading it loads the base and applies it.
+
 Writes are atomic: the whole directory is built next to the target and renamed over it, so a crash
 leaves the previous checkpoint (or nothing), never a half-written one. Loading never executes code
 (safetensors and json only), and every bad file is a `CheckpointError` naming the file and the fix.
@@ -26,7 +30,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -37,6 +41,7 @@ from ember.models import ModelConfig, Transformer, from_state_dict
 FORMAT = "ember-checkpoint"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
+ADAPTER = "adapter"
 META = "ember.json"
 TOKENIZER = "tokenizer"
 
@@ -92,16 +97,31 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], model_cfg: ModelConf
     if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
         raise CheckpointError(f"{tokenizer_dir}: tokenizer directory not found. "
                               "HINT: pass the directory holding tokenizer.json (or None).")
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "ember_version": _ember_version(),
-        "model": model_cfg.to_dict(),
-        "head": check_head(head),
-        "tokenizer": f"{TOKENIZER}/" if tokenizer_dir is not None else None,
-        "dtype": _dtype_name(tensors),
-        "extra": dict(extra or {}),
-    }
+    meta = _meta(model_cfg, head, tokenizer_dir, _dtype_name(tensors), extra)
+    return _write(out, meta, tokenizer_dir, lambda tmp: save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"}))
+
+
+def save_adapter_checkpoint(out_dir: str | Path, model_cfg: ModelConfig, base: str | Path,
+                            write_adapter: Callable[[Path], Any], tokenizer_dir: Optional[str | Path] = None,
+                            extra: Optional[dict] = None) -> Path:
+    """A checkpoint that is a base checkpoint plus an adapter: ember.json names the base (by absolute
+    path) and `adapter/` holds the adapter (`write_adapter(dir)` writes it); no weights of its own.
+    `load_checkpoint` loads the base and applies the adapter."""
+    base = Path(base).resolve()
+    meta = _meta(model_cfg, None, tokenizer_dir, "float32", extra)
+    meta["adapter"] = {"dir": ADAPTER, "base": str(base)}
+    return _write(Path(out_dir), meta, tokenizer_dir, lambda tmp: write_adapter(tmp / ADAPTER))
+
+
+def _meta(model_cfg: ModelConfig, head: Optional[dict], tokenizer_dir, dtype: str, extra: Optional[dict]) -> dict:
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "ember_version": _ember_version(),
+            "model": model_cfg.to_dict(), "head": check_head(head),
+            "tokenizer": f"{TOKENIZER}/" if tokenizer_dir is not None else None, "dtype": dtype,
+            "extra": dict(extra or {})}
+
+
+def _write(out: Path, meta: dict, tokenizer_dir, write_payload: Callable[[Path], Any]) -> Path:
+    """ember.json + payload (+ tokenizer/) into `out`, atomically; errors name the directory."""
     try:
         meta_text = json.dumps(meta, indent=2)
     except (TypeError, ValueError) as e:
@@ -109,7 +129,7 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], model_cfg: ModelConf
                               "HINT: keep extra to str/int/float/bool/list/dict values.") from None
     try:
         with atomic_dir(out) as tmp:
-            save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+            write_payload(tmp)
             if tokenizer_dir is not None:
                 shutil.copytree(tokenizer_dir, tmp / TOKENIZER)
             (tmp / META).write_text(meta_text + "\n")
@@ -220,11 +240,28 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu",
         raise CheckpointError(f"{d / META}: holds a {head['kind']} head, not a language model. HINT: load it with "
                               "the command that trains that kind (it returns the matching model)")
     cfg = model_config(meta, d)
+    if meta.get("adapter"):
+        return _load_with_adapter(d, meta, cfg, device, dtype)
     tensors = _read_tensors(d / WEIGHTS, device)
     _check_tensors(tensors, cfg, where=str(d / WEIGHTS))
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     return from_state_dict(cfg, tensors, device), meta
+
+
+def _load_with_adapter(d: Path, meta: dict, cfg: ModelConfig, device, dtype) -> tuple[Transformer, dict]:
+    from ember.io.adapter import load_adapter
+
+    base = Path(meta["adapter"].get("base", ""))
+    if not (base / META).is_file():
+        raise CheckpointError(f"{d / META}: the adapter's base checkpoint {base} is gone. HINT: put the base "
+                              "checkpoint back, or merge the adapter into full weights (ember finetune --merge)")
+    model, base_meta = load_checkpoint(base, device=device, dtype=dtype)
+    if model.cfg.to_dict() != cfg.to_dict():
+        raise CheckpointError(f"{d / META}: the base checkpoint {base} no longer has the model the adapter was "
+                              "trained on. HINT: use the original base checkpoint")
+    load_adapter(model, cfg, d / meta["adapter"].get("dir", ADAPTER))
+    return model.eval(), meta
 
 
 def _read_tensors(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:

@@ -235,30 +235,38 @@ class Run:
 
 
 def build_model(mcfg: ModelConfig, dims: ParallelDims, parallel: ParallelConfig, seed: int,
-                weights: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:
-    """Model on meta -> parallelize -> materialize (seeded init, or `weights` when given)."""
+                weights: Optional[dict[str, torch.Tensor]] = None,
+                transform: Optional[Callable[[nn.Module], Any]] = None) -> nn.Module:
+    """The model to train: from scratch, on meta -> parallelize -> materialize (a seeded init); or from
+    `weights` (fine-tuning): built around them on CPU -> `transform` (LoRA, ...) -> parallelize."""
+    from ember.models import from_state_dict
     from ember.parallel import materialize, parallelize
 
-    with torch.device("meta"):
-        model = Transformer(mcfg)
-    model = parallelize(model, dims, parallel)
-    materialize(model, dims, seed=seed)
-    if weights is not None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=True))
-    return model
+    if weights is None:
+        if transform is not None:
+            raise EmberError("build_model: a transform needs weights to start from")
+        with torch.device("meta"):
+            model = Transformer(mcfg)
+        model = parallelize(model, dims, parallel)
+        materialize(model, dims, seed=seed)
+        return model
+    model = from_state_dict(mcfg, {k: v.clone() for k, v in weights.items()}).train()
+    if transform is not None:
+        transform(model)
+    return parallelize(model.to(dims.device), dims, parallel)
 
 
 def start_run(cfg: RunConfig, dims: ParallelDims, mcfg: ModelConfig, loss_fn: Callable,
               train_loader: Loader, val_loader: Optional[Loader], *, seq_len: int,
               meta: Optional[dict] = None, frozen: Optional[dict[str, tuple[ModelConfig, dict]]] = None,
-              weights: Optional[dict[str, torch.Tensor]] = None, run_config: Any = None) -> Run:
+              weights: Optional[dict[str, torch.Tensor]] = None,
+              transform: Optional[Callable[[nn.Module], Any]] = None, run_config: Any = None) -> Run:
     """Validate resume, claim the run dir, log the run, build model/optimizer/schedule, return the Run.
 
     frozen: name -> (model config, full state dict) of auxiliary models, built and parallelized like
-    the policy. weights: start the policy from these (fine-tuning) instead of a seeded init.
-    `run_config` is what config.yaml records (default: cfg)."""
+    the policy. weights: start the policy from these (fine-tuning) instead of a seeded init;
+    transform: applied to it before parallelizing (LoRA). `run_config` is what config.yaml records
+    (default: cfg)."""
     from ember.config import to_dict
     from ember.parallel import barrier
     from ember.train.log import log_run_start
@@ -274,7 +282,7 @@ def start_run(cfg: RunConfig, dims: ParallelDims, mcfg: ModelConfig, loss_fn: Ca
     barrier(dims)
     log_run_start(run_config or cfg, cfg.run_dir, world_size=dims.world_size, device=str(dims.device))
     tc = cfg.train
-    model = build_model(mcfg, dims, cfg.parallel, tc.seed, weights)
+    model = build_model(mcfg, dims, cfg.parallel, tc.seed, weights, transform)
     frozen_models = {name: build_model(fc, dims, cfg.parallel, tc.seed, sd) for name, (fc, sd) in (frozen or {}).items()}
     torch.manual_seed(tc.seed + 1 + dims.rank)  # dropout streams: distinct per rank, fixed per seed
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.betas, tc.eps)

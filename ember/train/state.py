@@ -152,9 +152,13 @@ def save_train_state(run_dir: str | Path, step: int, model: nn.Module, optimizer
     return final
 
 
+# frozen parameters (a LoRA run's base weights) are inputs of the run, not its state: never saved
+_TRAINABLE = StateDictOptions(ignore_frozen_params=True)
+
+
 def _write_state(tmp: Path, step: int, model, optimizer, scheduler, loader, tokens_seen: int, dp_size: int,
                  model_config, config, tokenizer_dir, extra) -> None:
-    msd, osd = get_state_dict(model, optimizer)
+    msd, osd = get_state_dict(model, optimizer, options=_TRAINABLE)
     with _quiet_dcp():
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
     per_rank = {"loader": loader.state_dict() if loader is not None else None, "rng": rng_state(),
@@ -211,11 +215,12 @@ def load_train_state(ckpt: str | Path, model: nn.Module, optimizer: Optional[tor
     ckpt = Path(ckpt)
     meta = read_trainer_meta(ckpt)
     if optimizer is not None:
-        msd, osd = get_state_dict(model, optimizer)
+        msd, osd = get_state_dict(model, optimizer, options=_TRAINABLE)
         sd = {"model": msd, "optim": osd}
         with _quiet_dcp():
             dcp_load(sd, ckpt / "dcp")
-        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+                       options=_TRAINABLE)
     else:
         load_model_state(ckpt, model)
     if scheduler is not None and (ckpt / "scheduler.pt").is_file():
