@@ -306,9 +306,6 @@ class SFTLoader:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.epoch, self.pos = 0, 0
         self._plan_epoch, self._plan = -1, []
-        if len(self._batches(0)) == 0:
-            raise EmberError(f"SFT data: {len(examples)} examples are too few for batch size {batch_size} on "
-                             f"{dp_size} rank(s). HINT: lower --train.batch-size")
 
     def _batches(self, epoch: int) -> list[list[int]]:
         """This rank's batches (lists of example indices) of an epoch: length-sorted groups, shuffled."""
@@ -328,6 +325,9 @@ class SFTLoader:
     def next_batch(self) -> dict:
         if self._plan_epoch != self.epoch:
             self._plan, self._plan_epoch = self._batches(self.epoch), self.epoch
+            if not self._plan:
+                raise EmberError(f"SFT data: {len(self.examples)} examples are too few for batches of "
+                                 f"{self.batch_size} on {self.dp_size} rank(s). HINT: lower --train.batch-size")
         idx = self._plan[self.pos]
         self.pos += 1
         if self.pos >= len(self._plan):

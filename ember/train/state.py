@@ -219,8 +219,10 @@ def load_train_state(ckpt: str | Path, model: nn.Module, optimizer: Optional[tor
         sd = {"model": msd, "optim": osd}
         with _quiet_dcp():
             dcp_load(sd, ckpt / "dcp")
+        # strict=False: the frozen parameters are deliberately absent; every trainable one was loaded by
+        # DCP above (it fails on a key the checkpoint lacks)
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
-                       options=_TRAINABLE)
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
     else:
         load_model_state(ckpt, model)
     if scheduler is not None and (ckpt / "scheduler.pt").is_file():

@@ -1,0 +1,104 @@
+"""`ember finetune` end to end on a tiny checkpoint: LoRA and full fine-tuning, the adapter checkpoint
+loads in generate, --merge equals the adapter, training checkpoints hold adapters only, resume is exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ember.cli import main as cli
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from ember.io.checkpoint import save_checkpoint
+    from ember.models import Transformer, preset
+    from ember.tokenizer import train_bpe
+
+    root = tmp_path_factory.mktemp("ft")
+    texts = ["Name a colour. Blue. Green, of course. What is two plus two? Four. hello world\n"] * 40
+    train_bpe(texts, vocab_size=300).save(root / "tok")
+    model = Transformer(preset("tiny-llama", vocab_size=320, block_size=128))
+    model.init_weights(0)
+    save_checkpoint(model, root / "base", tokenizer_dir=root / "tok")
+    rows = []
+    for i in range(24):
+        rows.append({"instruction": f"Name colour number {i}.", "input": "", "output": ["Blue.", "Green."][i % 2]})
+        rows.append({"messages": [{"role": "user", "content": "What is two plus two?"},
+                                  {"role": "assistant", "content": "Four."}]})
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root
+
+
+def args(base, run, *extra):
+    return ["finetune", "--checkpoint", str(base / "base"), "--data.path", str(base / "data.jsonl"),
+            "--run-dir", str(run), "--train.max-steps", "6", "--train.batch-size", "4", "--train.warmup-steps", "1",
+            "--train.eval-every", "3", "--train.eval-batches", "2", "--train.save-every", "3", "--train.log-every", "1",
+            "--train.lr", "0.01", "--data.max-length", "64", "--device", "cpu", *extra]
+
+
+def _losses(run):
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if r["split"] == "train"}
+
+
+def test_lora_finetune_adapter_checkpoint_merge_and_resume(base, tmp_path, capsys):
+    from ember.io.checkpoint import load_checkpoint
+    from ember.io.safe import load_dcp_metadata
+    from ember.train.state import latest_checkpoint
+
+    run = tmp_path / "lora"
+    lora = ["--lora.r", "4", "--lora.alpha", "8", "--lora.targets", "all-linear"]
+    assert cli(args(base, run, *lora)) == 0
+    out = capsys.readouterr().out
+    assert "trainable of" in out and "LoRA r=4" in out
+    losses = _losses(run)
+    assert sorted(losses) == list(range(1, 7)) and losses[6] < losses[1]  # it learns
+    final = run / "final"
+    meta = json.loads((final / "ember.json").read_text())
+    assert meta["adapter"]["base"] == str((base / "base").resolve()) and not (final / "model.safetensors").exists()
+    assert (final / "adapter" / "adapter_config.json").is_file()
+    keys = load_dcp_metadata(latest_checkpoint(run) / "dcp" / ".metadata").state_dict_metadata
+    model_keys = [k for k in keys if k.startswith("model.")]
+    assert model_keys and all(".lora_" in k for k in model_keys)  # the frozen base is not in the checkpoint
+
+    tuned, _ = load_checkpoint(final)
+    plain, _ = load_checkpoint(base / "base")
+    x = torch.randint(0, 300, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (tuned(x) - plain(x)).abs().max() > 1e-4
+    assert cli(["generate", "--checkpoint", str(final), "--prompt", "What is two plus two?", "--max-new-tokens", "3",
+                "--temperature", "0"]) == 0
+
+    merged = tmp_path / "merged"
+    assert cli(args(base, merged, *lora, "--merge")) == 0
+    m, meta = load_checkpoint(merged / "final")
+    assert "adapter" not in meta and (merged / "final" / "model.safetensors").is_file()
+    assert (merged / "final.adapter" / "adapter_model.safetensors").is_file()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), tuned(x), rtol=1e-5, atol=1e-5)  # same run, same seed: same adapter
+
+    resumed = tmp_path / "resumed"
+    assert cli(args(base, resumed, *lora, "--stop-at", "3")) == 0
+    assert not (resumed / "final").exists()
+    assert cli(args(base, resumed, *lora, "--resume")) == 0
+    assert _losses(resumed) == losses
+
+
+def test_full_finetune_and_bad_inputs(base, tmp_path, capsys):
+    from ember.io.checkpoint import load_checkpoint
+
+    run = tmp_path / "full"
+    assert cli(args(base, run, "--train.lr", "0.001")) == 0
+    m, meta = load_checkpoint(run / "final")
+    assert meta["extra"]["step"] == 6 and (run / "final" / "tokenizer").is_dir()
+    assert cli(["finetune", "--checkpoint", str(base / "base")]) == 1
+    assert "--data.path is required" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    assert cli(args(base, tmp_path / "b", "--data.path", str(tmp_path / "bad.jsonl"))) == 1
+    err = capsys.readouterr().err
+    assert "bad.jsonl:1: no assistant turn" in err and "Traceback" not in err
+    assert cli(args(base, tmp_path / "c", "--data.max-length", "4096")) == 1
+    assert "exceeds the model's context" in capsys.readouterr().err
