@@ -13,6 +13,9 @@ import sys
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("pretrain",): ("ember.recipes.pretrain", "train a model from scratch on token shards (the main job)"),
     ("finetune",): ("ember.recipes.finetune", "fine-tune a checkpoint on instruction data (full or LoRA)"),
+    ("classify", "train"): ("ember.recipes.classify_train", "train a text classifier on a checkpoint's body"),
+    ("classify", "eval"): ("ember.recipes.classify_eval", "accuracy, per-class P/R/F1 and a confusion matrix"),
+    ("classify", "predict"): ("ember.recipes.classify_predict", "label texts with a classifier checkpoint"),
     ("generate",): ("ember.recipes.generate", "generate text from a checkpoint"),
     ("chat",): ("ember.recipes.chat", "chat with a checkpoint interactively"),
     ("convert",): ("ember.recipes.convert", "convert checkpoints to/from Hugging Face format"),

@@ -75,6 +75,9 @@ def check_head(head: Optional[dict], where: str = "head") -> dict:
         if not isinstance(n, int) or isinstance(n, bool) or n < 2:
             raise CheckpointError(f"{where}: a classifier head needs 'num_classes' >= 2, got {n!r}. "
                                   "HINT: the file is corrupt; re-save the checkpoint")
+        labels = head.get("labels")
+        if labels is not None and (not isinstance(labels, list) or len(labels) != n):
+            raise CheckpointError(f"{where}: the classifier head's 'labels' must list its {n} class names")
     return head
 
 
@@ -92,8 +95,10 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], model_cfg: ModelConf
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    tensors = _storable(state_dict, model_cfg)
-    _check_tensors(tensors, model_cfg, where="state dict given to save_state_dict")
+    head = check_head(head)
+    n_out = head_size(head)
+    tensors = _storable(state_dict, model_cfg, n_out)
+    _check_tensors(tensors, model_cfg, where="state dict given to save_state_dict", n_out=n_out)
     if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
         raise CheckpointError(f"{tokenizer_dir}: tokenizer directory not found. "
                               "HINT: pass the directory holding tokenizer.json (or None).")
@@ -139,7 +144,13 @@ def _write(out: Path, meta: dict, tokenizer_dir, write_payload: Callable[[Path],
     return out
 
 
-def _storable(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def head_size(head: dict) -> Optional[int]:
+    """The output size a head kind gives the Transformer (None = the vocabulary: a language model)."""
+    return {"lm": None, "reward": 1}.get(head["kind"], head.get("num_classes"))
+
+
+def _storable(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig,
+              n_out: Optional[int] = None) -> dict[str, torch.Tensor]:
     """Clean names, drop a tied head, and make every tensor a plain contiguous cpu tensor.
 
     Tensors that share storage (views of one fused buffer) are cloned: safetensors stores each once.
@@ -148,7 +159,7 @@ def _storable(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[
     for name, t in state_dict.items():
         for part in _WRAPPER_PARTS:
             name = name.replace(part, "")
-        if cfg.tie_embeddings and name == "output.weight":
+        if cfg.tie_embeddings and n_out is None and name == "output.weight":
             continue
         if _is_dtensor(t):
             raise CheckpointError(f"state dict tensor '{name}' is a sharded DTensor. HINT: gather a full state "
@@ -226,27 +237,33 @@ def model_config(meta: dict, ckpt_dir: str | Path = "?") -> ModelConfig:
                               "HINT: the checkpoint may come from a newer ember: upgrade ember.") from None
 
 
+_COMMANDS = {"classifier": "ember classify eval / predict", "reward": "ember reward score"}
+
+
 def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu",
-                    dtype: Optional[torch.dtype] = None) -> tuple[Transformer, dict]:
+                    dtype: Optional[torch.dtype] = None, kinds: tuple[str, ...] = ("lm",)) -> tuple[Transformer, dict]:
     """Build the model a checkpoint describes (on meta), load its weights, re-tie, eval mode.
 
     Returns (model, meta). `dtype` casts floating weights (None keeps the stored dtype); the RoPE
-    table stays fp32.
+    table stays fp32. `kinds`: the head kinds the caller can use (a classifier's output is its classes,
+    not the vocabulary); another kind is a CheckpointError naming the command for it.
     """
     d = Path(ckpt_dir)
     meta = read_meta(d)
     head = head_of(meta, str(d / META))
-    if head["kind"] != "lm":
-        raise CheckpointError(f"{d / META}: holds a {head['kind']} head, not a language model. HINT: load it with "
-                              "the command that trains that kind (it returns the matching model)")
+    if head["kind"] not in kinds:
+        want = " or ".join(kinds)
+        raise CheckpointError(f"{d / META}: holds a {head['kind']} head, expected {want}. HINT: use it with "
+                              f"{_COMMANDS.get(head['kind'], 'ember generate / chat')}")
     cfg = model_config(meta, d)
     if meta.get("adapter"):
         return _load_with_adapter(d, meta, cfg, device, dtype)
     tensors = _read_tensors(d / WEIGHTS, device)
-    _check_tensors(tensors, cfg, where=str(d / WEIGHTS))
+    n_out = head_size(head)
+    _check_tensors(tensors, cfg, where=str(d / WEIGHTS), n_out=n_out)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    return from_state_dict(cfg, tensors, device), meta
+    return from_state_dict(cfg, tensors, device, n_out=n_out), meta
 
 
 def _load_with_adapter(d: Path, meta: dict, cfg: ModelConfig, device, dtype) -> tuple[Transformer, dict]:
@@ -278,19 +295,20 @@ def _read_tensors(path: Path, device: str | torch.device) -> dict[str, torch.Ten
                               "HINT: re-copy or re-save the checkpoint.") from None
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape that a checkpoint of `cfg` stores (a tied head is left out)."""
+def expected_shapes(cfg: ModelConfig, n_out: Optional[int] = None) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape that a checkpoint of `cfg` (head size `n_out`) stores (a tied head is left out)."""
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(cfg, n_out)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and n_out is None:
         shapes.pop("output.weight", None)
     return shapes
 
 
-def _check_tensors(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig, where: str) -> None:
-    """Names and shapes must be exactly those of `Transformer(cfg)`."""
-    expected = expected_shapes(cfg)
+def _check_tensors(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig, where: str,
+                   n_out: Optional[int] = None) -> None:
+    """Names and shapes must be exactly those of `Transformer(cfg, n_out)`."""
+    expected = expected_shapes(cfg, n_out)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     hint = ("HINT: the weights do not belong to this model config; fix 'model' in ember.json "

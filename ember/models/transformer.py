@@ -51,26 +51,40 @@ def attention_mask(mode: str, T: int, S: int, device: torch.device, input_pos: O
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Decoder Transformer. `n_out` sizes the output head: None = the vocabulary (a language model; tied
+    to the embedding when cfg.tie_embeddings), else n_out outputs per position (a classifier's classes,
+    1 for a reward model), never tied."""
+
+    def __init__(self, cfg: ModelConfig, n_out: Optional[int] = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.n_out = cfg, n_out
         self.tok_embeddings: Optional[nn.Embedding] = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos_embeddings: Optional[nn.Embedding] = (
             nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None)
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
         self.norm: Optional[nn.Module] = make_norm(cfg)
-        self.output: Optional[nn.Linear] = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.output: Optional[nn.Linear] = nn.Linear(cfg.n_embd, n_out or cfg.vocab_size, bias=False)
         if cfg.pos_emb == "rope":
             self.register_buffer("rope", rope_cache(cfg), persistent=False)  # (block_size, D)
         else:
             self.rope = None
         self.tie_weights()
 
+    def set_head(self, n_out: int, std: Optional[float] = None, generator: Optional[torch.Generator] = None) -> None:
+        """Replace the output head by a fresh, untied Linear(n_embd, n_out) ~ N(0, std) (a classifier's or a
+        reward model's head on a pretrained body)."""
+        w = self.tok_embeddings.weight if self.tok_embeddings is not None else next(self.parameters())
+        head = nn.Linear(self.cfg.n_embd, n_out, bias=False, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            head.weight.normal_(0.0, self.cfg.init_std if std is None else std, generator=generator)
+        self.output, self.n_out = head, n_out
+
     # ------------------------------------------------------------------------------------- init
     def tie_weights(self) -> None:
         """Share the embedding with the head (again: `to_empty()` unties parameters)."""
-        if self.cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
+        if (self.cfg.tie_embeddings and self.n_out is None and self.tok_embeddings is not None
+                and self.output is not None):
             self.output.weight = self.tok_embeddings.weight
 
     @torch.no_grad()
@@ -187,16 +201,18 @@ class Transformer(nn.Module):
         return total
 
 
-def from_state_dict(cfg: ModelConfig, state_dict: dict, device: str | torch.device = "cpu") -> Transformer:
+def from_state_dict(cfg: ModelConfig, state_dict: dict, device: str | torch.device = "cpu",
+                    n_out: Optional[int] = None) -> Transformer:
     """A Transformer that holds `state_dict`'s tensors (assigned, not copied), in eval mode.
 
     Built on meta (no throw-away init); a tied head takes the embedding; RoPE buffers are computed on `device`.
+    `n_out`: the head's size for a classifier / reward model (see Transformer).
     """
     sd = dict(state_dict)
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and n_out is None:
         sd.setdefault("output.weight", sd["tok_embeddings.weight"])
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(cfg, n_out)
     model.load_state_dict(sd, strict=True, assign=True)
     model.tie_weights()
     model.reset_buffers(torch.device(device))

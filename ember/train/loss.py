@@ -176,3 +176,28 @@ def model_loss(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tens
     hidden = model.hidden_states(tokens, **forward_kwargs)  # (B, T, C), after the final norm
     return fused_linear_cross_entropy(hidden, model.output.weight, targets, ignore_index=ignore_index,
                                       reduction=reduction, chunk_size=chunk_size)
+
+
+def pooled_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The head's output at each sequence's last real token (batch["last"]): (B, n_out). Padding is
+    never pooled. A plain model applies its head to those positions only."""
+    ids, last = batch["input_ids"], batch["last"]
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    if can_fuse(model):
+        return model.output(model.hidden_states(ids)[rows, last])
+    return model(ids)[rows, last]
+
+
+class ClassifierLoss:
+    """Cross-entropy over classes at the last real token; units are sequences; metric: accuracy."""
+
+    @staticmethod
+    def weight(batch: dict) -> float:
+        return float(batch["labels"].shape[0])
+
+    def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
+        logits = pooled_logits(model, batch).float()  # (B, N)
+        labels = batch["labels"]
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        correct = (logits.argmax(-1) == labels).float().sum()
+        return LossOutput(loss, self.weight(batch), {"accuracy": correct.detach()})

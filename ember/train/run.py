@@ -223,14 +223,14 @@ class Run:
         """130 after SIGINT, 143 after SIGTERM (the shell's convention), else 0."""
         return 128 + self.trainer.stopped_by if self.trainer.stopped_by else 0
 
-    def export(self, tokenizer_dir: Optional[Path], extra: Optional[dict] = None) -> Path:
-        """The plain checkpoint of the trained model at run_dir/final (collective)."""
+    def export(self, tokenizer_dir: Optional[Path], extra: Optional[dict] = None, head: Optional[dict] = None) -> Path:
+        """The plain checkpoint of the trained model at run_dir/final (collective); `head` its head kind."""
         from ember.train.state import export_final
 
         final = Path(self.cfg.run_dir) / "final"
         tr = self.trainer
         export_final(tr.model, final, tokenizer_dir,
-                     extra={"step": tr.step, "tokens_seen": tr.tokens_seen, **(extra or {})})
+                     extra={"step": tr.step, "tokens_seen": tr.tokens_seen, **(extra or {})}, head=head)
         return final
 
 

@@ -262,8 +262,9 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_final(model: nn.Module, out_dir: str | Path, tokenizer_dir: Optional[str | Path] = None,
-                 extra: Optional[dict] = None) -> Optional[Path]:
-    """Gather the full weights and write the plain checkpoint (rank 0) to `out_dir`; collective."""
+                 extra: Optional[dict] = None, head: Optional[dict] = None) -> Optional[Path]:
+    """Gather the full weights and write the plain checkpoint (rank 0) to `out_dir`; collective.
+    `head`: the checkpoint's head kind (default a language model)."""
     sd = full_state_dict(model)
     out = None
     if _rank() == 0:
@@ -274,7 +275,7 @@ def export_final(model: nn.Module, out_dir: str | Path, tokenizer_dir: Optional[
         cfg = getattr(unwrap(model), "cfg", None)  # DDP / torch.compile wrappers hold it on the inner model
         if cfg is None:
             raise EmberError("export_final: the model has no .cfg (ModelConfig). HINT: pass an ember Transformer.")
-        save_state_dict(sd, cfg, out_dir, tokenizer_dir=tokenizer_dir, extra=extra)
+        save_state_dict(sd, cfg, out_dir, tokenizer_dir=tokenizer_dir, extra=extra, head=head)
         out = Path(out_dir)
     _barrier()
     return out
