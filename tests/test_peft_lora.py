@@ -128,3 +128,37 @@ def test_bad_lora_config_values():
                     (dict(r=4, targets=["qq"]), "lora.targets")):
         with pytest.raises(ValueError, match=msg):
             LoRAConfig(**kw)
+
+
+def test_qlora_nf4_base_matches_torchao_and_trains_adapters_only():
+    import warnings
+
+    from ember.peft.qlora import nf4_bytes, nf4_round_trip, quantize_base_nf4
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torchao.quantization import to_nf4
+    m = _model("tiny-llama")
+    ref_w = m.layers["0"].attention.wq.weight.detach().clone()
+    base_sd = {k: v.clone() for k, v in m.state_dict().items()}
+    apply_lora(m, LoRAConfig(r=4, alpha=8, targets=["q", "v"]))
+    assert quantize_base_nf4(m) == 7 * m.cfg.n_layer  # adapted and plain block linears alike
+    ours = m.layers["0"].attention.wq.weight
+    from ember.peft.qlora import scaler_block
+
+    theirs = to_nf4(ref_w, block_size=64, scaler_block_size=scaler_block(ref_w))
+    assert torch.equal(ours.quantized_data, theirs.quantized_data)  # the same codes as torchao
+    assert torch.equal(ours.quantized_scalers, theirs.quantized_scalers)
+    nbytes, params = nf4_bytes(m)
+    assert nbytes / params <= 0.6
+    # at init the model is the base with NF4 round-tripped block weights
+    rt = Transformer(m.cfg)
+    rt.load_state_dict({k: nf4_round_trip(v) if k.startswith("layers.") and v.dim() == 2 else v
+                        for k, v in base_sd.items()})
+    x = _tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), rt.eval()(x), rtol=1e-5, atol=1e-5)
+    m.train()
+    m(x).logsumexp(-1).mean().backward()
+    assert {n for n, p in m.named_parameters() if p.grad is not None} == \
+        {n for n, _ in m.named_parameters() if ".lora_" in n}

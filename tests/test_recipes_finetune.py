@@ -102,3 +102,22 @@ def test_full_finetune_and_bad_inputs(base, tmp_path, capsys):
     assert "bad.jsonl:1: no assistant turn" in err and "Traceback" not in err
     assert cli(args(base, tmp_path / "c", "--data.max-length", "4096")) == 1
     assert "exceeds the model's context" in capsys.readouterr().err
+
+
+def test_qlora_merge_writes_a_parity_report(base, tmp_path, capsys):
+    from ember.io.checkpoint import load_checkpoint
+
+    run = tmp_path / "q"
+    assert cli(args(base, run, "--lora.r", "4", "--lora.targets", "all-linear", "--quant", "nf4", "--merge")) == 0
+    out = capsys.readouterr().out
+    assert "QLoRA:" in out and "bytes each" in out
+    rep = json.loads((run / "final.parity.json").read_text())
+    into_dq = rep["merged into dequantized base"]
+    into_fp32 = rep["merged into original fp32 base"]
+    assert into_dq["max_abs_dlogit_vs_qlora"] < 1e-3  # the merge reproduces what was trained
+    assert into_fp32["max_abs_dlogit_vs_qlora"] > 10 * into_dq["max_abs_dlogit_vs_qlora"]
+    model, meta = load_checkpoint(run / "final")
+    assert meta["extra"]["base_quant"] == "nf4"
+    assert cli(["finetune", "--checkpoint", str(base / "base"), "--data.path", str(base / "data.jsonl"),
+                "--quant", "nf4"]) == 1
+    assert "quantizes the frozen base of a LoRA run" in capsys.readouterr().err

@@ -277,6 +277,13 @@ def _load_with_adapter(d: Path, meta: dict, cfg: ModelConfig, device, dtype) -> 
     if model.cfg.to_dict() != cfg.to_dict():
         raise CheckpointError(f"{d / META}: the base checkpoint {base} no longer has the model the adapter was "
                               "trained on. HINT: use the original base checkpoint")
+    if meta.get("extra", {}).get("base_quant") == "nf4":  # trained against the NF4 base: use what it saw
+        from ember.peft.qlora import nf4_round_trip
+
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.startswith("layers.") and name.endswith(".weight") and p.dim() == 2:
+                    p.copy_(nf4_round_trip(p).to(p.dtype))
     load_adapter(model, cfg, d / meta["adapter"].get("dir", ADAPTER))
     return model.eval(), meta
 

@@ -97,7 +97,12 @@ class LoRALinear(nn.Linear):
                 self.lora_B.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        if type(self.weight).__name__ == "NF4Tensor":  # QLoRA: the frozen base stored as NF4 (peft/qlora.py)
+            from ember.peft.qlora import nf4_linear
+
+            y = nf4_linear(x, self.weight, self.bias)
+        else:
+            y = F.linear(x, self.weight, self.bias)
         if self.disabled:
             return y
         return y + (self.lora_dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scale
@@ -179,7 +184,10 @@ def merge_lora(model: nn.Module) -> int:
         parent_path, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
-        lin.weight = nn.Parameter(mod.weight + mod.delta().to(mod.weight.dtype), requires_grad=False)
+        base = mod.weight
+        if type(base).__name__ == "NF4Tensor":  # QLoRA: into the dequantized base the adapter was trained on
+            base = base.get_original_weight()
+        lin.weight = nn.Parameter(base + mod.delta().to(base.dtype), requires_grad=False)
         if mod.bias is not None:
             lin.bias = nn.Parameter(mod.bias.detach().clone(), requires_grad=False)
         setattr(parent, attr, lin)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from ember.data.sft import SFTDataConfig
 from ember.errors import EmberError
@@ -41,6 +41,8 @@ class Config(RunConfig):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         max_steps=100, batch_size=8, lr=2e-4, min_lr=2e-5, warmup_steps=10, weight_decay=0.0, eval_every=50,
         eval_batches=8, log_every=5, save_every=50, keep_last=2))
+    quant: Literal["none", "nf4"] = "none"
+    """QLoRA: store the frozen base's block linears as NF4 (torchao) while the adapters train in fp32."""
     merge: bool = False
     """Write merged full weights to run_dir/final (default with LoRA: the adapter alone, plus a reference
     to the base checkpoint)."""
@@ -56,6 +58,8 @@ def main(cfg: Config) -> int:
                          "--checkpoint runs/pretrain/final --data.path data.jsonl")
     if not cfg.data.path:
         raise EmberError("--data.path is required: a JSON/JSONL/parquet file of instruction records")
+    if cfg.quant != "none" and not cfg.lora.r:
+        raise EmberError(f"--quant {cfg.quant} quantizes the frozen base of a LoRA run. HINT: add --lora.r 8")
     return launch(cfg, "finetune", _run)
 
 
@@ -92,7 +96,16 @@ def _run(cfg: Config, dims) -> int:
         raise EmberError(f"data.max_length={cfg.data.max_length} exceeds the model's context of {mcfg.block_size}. "
                          f"HINT: --data.max-length {mcfg.block_size}")
     train_loader, val_loader = _data(cfg, tok, dims)
-    transform = (lambda m: apply_lora(m, cfg.lora, seed=cfg.train.seed)) if cfg.lora.r else None
+    def transform(m):
+        apply_lora(m, cfg.lora, seed=cfg.train.seed)
+        if cfg.quant == "nf4":
+            from ember.peft.qlora import nf4_bytes, quantize_base_nf4
+
+            quantize_base_nf4(m)
+            nbytes, params = nf4_bytes(m)
+            log(f"QLoRA: {params:,} base weights in NF4, {nbytes / params:.3f} bytes each ({nbytes / 2 ** 20:.1f} MiB)")
+
+    transform = transform if cfg.lora.r else None
     tok_dir = Path(cfg.checkpoint) / "tokenizer"
     run = start_run(cfg, dims, mcfg, LMLoss(cfg.loss), train_loader, val_loader, seq_len=cfg.data.max_length,
                     weights=base.state_dict(), transform=transform,
@@ -110,13 +123,16 @@ def _run(cfg: Config, dims) -> int:
 
 def _export(cfg: Config, run, base_sd: dict, tok_dir: Optional[Path], val: dict) -> None:
     """run_dir/final: the adapter checkpoint (LoRA) or merged full weights (--merge / full fine-tuning)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     from ember.io.adapter import save_adapter
     from ember.io.checkpoint import save_adapter_checkpoint, save_state_dict
     from ember.models import from_state_dict
     from ember.peft.lora import apply_lora, merge_lora
-    from ember.train.state import full_state_dict
 
-    trained = full_state_dict(run.trainer.model)  # collective: every rank takes part
+    # collective: every rank takes part; with LoRA only the adapters (the frozen base is the checkpoint's)
+    trained = get_model_state_dict(run.trainer.model, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=bool(cfg.lora.r)))
     if not run.dims.is_main:
         return
     final = Path(cfg.run_dir) / "final"
@@ -126,21 +142,91 @@ def _export(cfg: Config, run, base_sd: dict, tok_dir: Optional[Path], val: dict)
         save_state_dict(trained, mcfg, final, tokenizer_dir=tok_dir, extra=extra)
         log(f"final checkpoint (full weights): {final}")
         return
-    plain = from_state_dict(mcfg, dict(base_sd))
+    base = _trained_base(base_sd, cfg.quant)
+    plain = from_state_dict(mcfg, dict(base))
     apply_lora(plain, cfg.lora)
-    adapter = {k: v for k, v in trained.items() if ".lora_" in k}
+    adapter = {k.replace("_orig_mod.", "").replace("module.", ""): v for k, v in trained.items() if ".lora_" in k}
     missing = plain.load_state_dict(adapter, strict=False).missing_keys
     assert not any(".lora_" in k for k in missing), "adapter tensors missing from the trained model"
+    extra["base_quant"] = cfg.quant
     if cfg.merge:
         save_adapter(plain, mcfg, cfg.lora, final.with_name("final.adapter"), base=cfg.checkpoint)
+        unmerged = None
+        if cfg.quant == "nf4":
+            unmerged = _qlora_model(mcfg, base_sd, plain, cfg)
         merge_lora(plain)
         save_state_dict(plain.state_dict(), mcfg, final, tokenizer_dir=tok_dir, extra=extra)
         log(f"final checkpoint (adapter merged): {final}; the adapter alone (PEFT format): {final}.adapter")
+        if unmerged is not None:
+            _parity_report(cfg, run, unmerged, plain, base_sd, final)
         return
     save_adapter_checkpoint(final, mcfg, cfg.checkpoint,
                             lambda d: save_adapter(plain, mcfg, cfg.lora, d, base=cfg.checkpoint),
                             tokenizer_dir=tok_dir, extra=extra)
     log(f"final checkpoint (LoRA adapter over {cfg.checkpoint}): {final}  (try: ember chat --checkpoint {final})")
+
+
+def _trained_base(base_sd: dict, quant: str) -> dict:
+    """The base weights the adapter was trained against: NF4 round-tripped block linears under QLoRA."""
+    if quant != "nf4":
+        return base_sd
+    from ember.peft.qlora import nf4_round_trip
+
+    return {k: nf4_round_trip(v) if k.startswith("layers.") and k.endswith(".weight") and v.dim() == 2 else v
+            for k, v in base_sd.items()}
+
+
+def _qlora_model(mcfg, base_sd: dict, adapted, cfg: Config):
+    """The training-time model: the base with NF4 block linears, plus the trained adapter."""
+    from ember.models import from_state_dict
+    from ember.peft.lora import apply_lora, lora_state_dict
+    from ember.peft.qlora import quantize_base_nf4
+
+    m = from_state_dict(mcfg, {k: v.clone() for k, v in base_sd.items()})
+    apply_lora(m, cfg.lora)
+    quantize_base_nf4(m)
+    m.load_state_dict(lora_state_dict(adapted), strict=False)
+    return m.eval()
+
+
+def _parity_report(cfg: Config, run, qlora, merged, base_sd: dict, final: Path) -> None:
+    """parity.json beside the merged checkpoint: adapter-on-NF4-base vs merged (and vs merging into the
+    original full-precision base), max |dlogit| and held-out perplexity."""
+    import json
+    import math
+
+    import torch
+
+    from ember.fileio import atomic_write_text
+    from ember.models import from_state_dict
+    from ember.peft.lora import apply_lora, lora_state_dict, merge_lora
+    from ember.train.loss import LMLoss
+
+    naive = from_state_dict(merged.cfg, {k: v.clone() for k, v in base_sd.items()})
+    apply_lora(naive, cfg.lora)
+    naive.load_state_dict(lora_state_dict(qlora), strict=False)
+    merge_lora(naive)
+    models = {"qlora (adapter on NF4 base)": qlora, "merged into dequantized base": merged.eval(),
+              "merged into original fp32 base": naive.eval()}
+    loader = run.trainer.val_loader or run.trainer.train_loader
+    batches = list(loader.iter_eval(8)) if hasattr(loader, "iter_eval") else [loader.next_batch()]
+    lm, rep, ref_logits = LMLoss(), {}, None
+    with torch.no_grad():
+        for name, m in models.items():
+            tot = w = 0.0
+            dmax = 0.0
+            for i, b in enumerate(batches):
+                out = lm(m, b)
+                tot, w = tot + float(out.loss), w + out.weight
+                logits = m(b["input_ids"])
+                if name == "qlora (adapter on NF4 base)":
+                    ref_logits = (ref_logits or []) + [logits]
+                else:
+                    dmax = max(dmax, float((logits - ref_logits[i]).abs().max()))
+            rep[name] = {"held_out_ppl": math.exp(min(tot / max(w, 1), 50)), "max_abs_dlogit_vs_qlora": dmax}
+    atomic_write_text(final.parent / "final.parity.json", json.dumps(rep, indent=2) + "\n")
+    for name, r in rep.items():
+        log(f"  {name:32s} held-out ppl {r['held_out_ppl']:.4f}  max |dlogit| vs qlora {r['max_abs_dlogit_vs_qlora']:.2e}")
 
 
 def _model_cfg(run):

@@ -140,13 +140,21 @@ def _fmt_time(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
+_STEP_KEYS = {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens_seen", "elapsed_s", "eta_s", "skipped"}
+
+
 def format_step(step: int, total: int, rec: dict) -> str:
     """`step 100/1000 | loss 3.2100 | lr 1.00e-03 | gnorm 0.41 | 5,230 tok/s | MFU 41.2% | 1:02 elapsed | ETA 9:10`."""
     parts = [f"step {step}/{total}", f"loss {rec['loss']:.4f}", f"lr {rec['lr']:.2e}"]
     if rec.get("grad_norm") is not None:
         parts.append(f"gnorm {rec['grad_norm']:.2f}")
-    parts += [f"{rec['tokens_per_s']:,.0f} tok/s", f"MFU {100 * rec.get('mfu', 0.0):.1f}%",
-              f"{_fmt_time(rec.get('elapsed_s', 0))} elapsed", f"ETA {_fmt_time(rec.get('eta_s', 0))}"]
+    parts.append(f"{rec['tokens_per_s']:,.0f} tok/s")
+    if rec.get("mfu"):  # unknown (0) when the run's FLOPs per token are not 6N (frozen weights)
+        parts.append(f"MFU {100 * rec['mfu']:.1f}%")
+    for k, v in rec.items():  # the objective's own metrics (accuracy, margins, ...)
+        if k not in _STEP_KEYS and isinstance(v, float):
+            parts.append(f"{k} {v:.4f}")
+    parts += [f"{_fmt_time(rec.get('elapsed_s', 0))} elapsed", f"ETA {_fmt_time(rec.get('eta_s', 0))}"]
     if rec.get("skipped"):
         parts.append(f"skipped {rec['skipped']}")
     return " | ".join(parts)

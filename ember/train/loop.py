@@ -124,6 +124,8 @@ class TrainConfig:
     """Evaluate every N steps (0 = only at the end)."""
     eval_batches: int = 20
     """Validation micro-batches per evaluation (the same batches every time)."""
+    eval_at_start: bool = False
+    """Also evaluate before the first step (the 'before' of a fine-tuning run; logged as step 0)."""
     log_every: int = 10
     """Log metrics (and print a progress line when not on a terminal) every N steps."""
     save_every: int = 0
@@ -484,6 +486,9 @@ class Trainer:
         history: list[float] = []
         tok_s = mfu = 0.0
         self.stopped_by = 0
+        if cfg.eval_at_start and self.step == 0:
+            self._eval_and_log(progress)
+            window_t = time.perf_counter()
         with StopRequest() as stop:
             while self.step < end:
                 out = self.train_step()

@@ -288,7 +288,12 @@ def start_run(cfg: RunConfig, dims: ParallelDims, mcfg: ModelConfig, loss_fn: Ca
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.betas, tc.eps)
     scheduler = build_scheduler(optimizer, tc)
     ckpt_meta = {"model_config": mcfg.to_dict(), "config": to_dict(cfg), **(meta or {})}
+    # 6N FLOPs per token holds when every weight trains through an LM head; with frozen weights (LoRA,
+    # a classifier's frozen body) the backward does less and MFU would overstate: report tokens/s only
+    from ember.parallel import unwrap
+
+    full = all(p.requires_grad for p in model.parameters()) and getattr(unwrap(model), "n_out", None) is None
     trainer = Trainer(model, optimizer, scheduler, train_loader, val_loader, tc, dims, loss_fn=loss_fn,
                       parallel=cfg.parallel, frozen=frozen_models, run_dir=cfg.run_dir,
-                      flops_per_token=mcfg.flops_per_token(seq_len), ckpt_meta=ckpt_meta)
+                      flops_per_token=mcfg.flops_per_token(seq_len) if full else None, ckpt_meta=ckpt_meta)
     return Run(cfg, dims, trainer, ckpt)
