@@ -15,11 +15,12 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
+from ember.data.examples import ExampleLoader
 from ember.errors import EmberError
 
 
@@ -148,50 +149,10 @@ def cls_batch(examples: list[tuple[list[int], int]], pad_id: int) -> dict:
     return {"input_ids": inputs, "last": last, "labels": labels}
 
 
-class ClsLoader:
-    """Seeded, resumable, rank-aware batches of classification examples (shuffled every epoch)."""
+class ClsLoader(ExampleLoader):
+    """Classification batches: shuffled every epoch, right-padded (`cls_batch`)."""
 
-    def __init__(self, examples: list, batch_size: int, pad_id: int, seed: int = 0, dp_rank: int = 0,
-                 dp_size: int = 1):
-        if not examples:
-            raise EmberError("classification data: an empty split. HINT: check the fractions and the file")
-        self.examples, self.batch_size, self.pad_id, self.seed = examples, batch_size, pad_id, seed
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.epoch, self.pos = 0, 0
+    name = "classification data"
 
-    def _order(self, epoch: int) -> list[int]:
-        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-        n = len(perm) // self.dp_size
-        return perm[self.dp_rank::self.dp_size][:n].tolist()
-
-    def next_batch(self) -> dict:
-        chosen = []
-        while len(chosen) < self.batch_size:
-            order = self._order(self.epoch)
-            if not order:
-                raise EmberError(f"classification data: {len(self.examples)} examples are too few for "
-                                 f"{self.dp_size} rank(s)")
-            take = order[self.pos:self.pos + self.batch_size - len(chosen)]
-            chosen += take
-            self.pos += len(take)
-            if self.pos >= len(order):
-                self.epoch, self.pos = self.epoch + 1, 0
-        return cls_batch([self.examples[i] for i in chosen], self.pad_id)
-
-    def iter_eval(self, max_batches: Optional[int] = None) -> Iterator[dict]:
-        mine = list(range(len(self.examples)))[self.dp_rank::self.dp_size]
-        for b, i in enumerate(range(0, len(mine), self.batch_size)):
-            if max_batches is not None and b >= max_batches:
-                return
-            yield cls_batch([self.examples[j] for j in mine[i:i + self.batch_size]], self.pad_id)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "n": len(self.examples),
-                "batch_size": self.batch_size, "dp_size": self.dp_size}
-
-    def load_state_dict(self, sd: dict) -> None:
-        for key in ("seed", "n", "batch_size", "dp_size"):
-            if sd.get(key) != self.state_dict()[key]:
-                raise EmberError(f"classification loader state: {key} is {sd.get(key)!r} in the checkpoint but "
-                                 f"{self.state_dict()[key]!r} now. HINT: resume with the same data and batch settings")
-        self.epoch, self.pos = int(sd["epoch"]), int(sd["pos"])
+    def collate(self, chosen: list) -> dict:
+        return cls_batch(chosen, self.pad_id)

@@ -36,6 +36,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
+from ember.data.examples import ExampleLoader
 from ember.errors import EmberError
 
 IGNORE = -100
@@ -293,22 +294,18 @@ def pack_rows(examples: list[tuple], pad_id: int, length: int) -> dict:
     return {"input_ids": inputs, "labels": labels, "positions": positions, "attn_mask": mask[:, None]}
 
 
-class SFTLoader:
-    """Seeded, resumable batches of SFT examples (padded, length-grouped; or packed), rank-aware."""
+class SFTLoader(ExampleLoader):
+    """SFT batches: padded and length-grouped, or packed (see the module docstring)."""
+
+    name = "SFT data"
 
     def __init__(self, examples: list[tuple], batch_size: int, pad_id: int, pack: bool = False,
                  max_length: int = 512, seed: int = 0, dp_rank: int = 0, dp_size: int = 1):
-        if not examples:
-            raise EmberError("SFT data: no usable example (see the counts above). HINT: check the records and "
-                             "--data.max-length")
-        self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
-        self.pack, self.max_length, self.seed = pack, max_length, seed
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.epoch, self.pos = 0, 0
-        self._plan_epoch, self._plan = -1, []
+        super().__init__(examples, batch_size, pad_id, seed, dp_rank, dp_size)
+        self.pack, self.max_length = pack, max_length
 
     def _batches(self, epoch: int) -> list[list[int]]:
-        """This rank's batches (lists of example indices) of an epoch: length-sorted groups, shuffled."""
+        """Length-sorted groups (or, packed, enough examples to fill batch_size rows), shuffled."""
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.examples))
         if not self.pack:  # sort within windows of 32 batches so each batch holds similar lengths
@@ -319,40 +316,13 @@ class SFTLoader:
             1, int(np.mean([len(e[0]) for e in self.examples]))))
         batches = [order[i:i + per].tolist() for i in range(0, len(order) - per + 1, per)]
         rng.shuffle(batches)
-        n = len(batches) // self.dp_size
-        return batches[self.dp_rank::self.dp_size][:n]
+        return batches
 
-    def next_batch(self) -> dict:
-        if self._plan_epoch != self.epoch:
-            self._plan, self._plan_epoch = self._batches(self.epoch), self.epoch
-            if not self._plan:
-                raise EmberError(f"SFT data: {len(self.examples)} examples are too few for batches of "
-                                 f"{self.batch_size} on {self.dp_size} rank(s). HINT: lower --train.batch-size")
-        idx = self._plan[self.pos]
-        self.pos += 1
-        if self.pos >= len(self._plan):
-            self.epoch, self.pos = self.epoch + 1, 0
-        chosen = [self.examples[i] for i in idx]
-        if self.pack:
-            return pack_rows(chosen, self.pad_id, self.max_length - 1)
+    def collate(self, chosen: list) -> dict:
+        return pack_rows(chosen, self.pad_id, self.max_length - 1) if self.pack else pad_batch(chosen, self.pad_id)
+
+    def eval_collate(self, chosen: list) -> dict:
         return pad_batch(chosen, self.pad_id)
 
-    def iter_eval(self, max_batches: Optional[int] = None) -> Iterator[dict]:
-        """Fixed batches in file order (strided by rank), the same every call."""
-        mine = list(range(len(self.examples)))[self.dp_rank::self.dp_size]
-        for b, i in enumerate(range(0, len(mine), self.batch_size)):
-            if max_batches is not None and b >= max_batches:
-                return
-            yield pad_batch([self.examples[j] for j in mine[i:i + self.batch_size]], self.pad_id)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "n": len(self.examples),
-                "batch_size": self.batch_size, "dp_size": self.dp_size, "pack": self.pack}
-
-    def load_state_dict(self, sd: dict) -> None:
-        for key in ("seed", "n", "batch_size", "dp_size", "pack"):
-            if sd.get(key) != self.state_dict()[key]:
-                raise EmberError(f"SFT loader state: {key} is {sd.get(key)!r} in the checkpoint but "
-                                 f"{self.state_dict()[key]!r} now. HINT: resume with the same data and batch settings")
-        self.epoch, self.pos = int(sd["epoch"]), int(sd["pos"])
-
+    def _extra_state(self) -> dict:
+        return {"pack": self.pack}

@@ -75,7 +75,8 @@ def main(cfg: Config) -> int:
     rep = report(cm, names) | {"split": cfg.split, "examples": len(examples), "data": data.path}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "report.json", json.dumps(rep, indent=2) + "\n")
-    plot_confusion(cm, names, out / "confusion.png", title=f"{Path(cfg.checkpoint).name}: {cfg.split} split")
+    ck = Path(cfg.checkpoint).resolve()
+    plot_confusion(cm, names, out / "confusion.png", title=f"{ck.parent.name}/{ck.name}: {cfg.split} split")
     _print(rep)
     log(f"wrote {out / 'report.json'} and {out / 'confusion.png'}")
     return 0
