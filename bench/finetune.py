@@ -11,7 +11,8 @@ adapters only. Rounds alternate the contenders; medians give tokens/s and the ra
 
 Memory: each contender also runs alone in a child process (same steps), which prints its peak RSS
 (VmHWM) and the bytes of its trained parameters + gradients + AdamW states, so the two do not share
-one address space's high-water mark.
+one address space's high-water mark; a third child runs ember with the base's block linears in NF4
+(QLoRA, --quant nf4). The RSS includes the Python and library baseline of each process (~400 MiB here).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--targets", default="q,k,v,o,gate,up,down")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--only", choices=["ember", "peft"], default=None, help="(internal) memory run of one contender")
+    p.add_argument("--only", choices=["ember", "peft", "ember-qlora"], default=None,
+                   help="(internal) memory run of one contender")
     return p.parse_args(argv)
 
 
@@ -160,8 +162,15 @@ def peak_rss_mb() -> float:
 def memory_child(a) -> None:
     peft, ours, cfg = build(a)
     data = batches(a, cfg.vocab_size)
-    if a.only == "ember":
+    nf4 = None
+    if a.only.startswith("ember"):
         del peft
+        if a.only == "ember-qlora":
+            from ember.peft.qlora import nf4_bytes, quantize_base_nf4
+
+            quantize_base_nf4(ours)
+            nbytes, params = nf4_bytes(ours)
+            nf4 = nbytes / params
         step, params, opt = ember_step_fn(ours, data)
     else:
         del ours
@@ -169,7 +178,7 @@ def memory_child(a) -> None:
     for _ in range(a.warmup + 2):
         step()
     print(json.dumps({"peak_rss_mb": peak_rss_mb(), "state_mb": state_bytes(params, opt) / 2 ** 20,
-                      "trainable": sum(p.numel() for p in params)}))
+                      "trainable": sum(p.numel() for p in params), "nf4_bytes_per_weight": nf4}))
 
 
 def main(argv=None) -> None:
@@ -192,14 +201,16 @@ def main(argv=None) -> None:
     paired = median([p / e for p, e in zip(times["peft"], times["ember"])])
     print(f"ratio ember/PEFT tokens/s: {tps['ember'] / tps['peft']:.2f}x (paired per round {paired:.2f}x)")
     mem = {}
-    for who in ("ember", "peft"):
+    for who in ("ember", "peft", "ember-qlora"):
         cmd = [sys.executable, __file__, "--only", who] + [x for x in (argv or sys.argv[1:])]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, timeout=1800)
         mem[who] = json.loads(out.stdout.strip().splitlines()[-1])
     for who, m in mem.items():
-        print(f"  {who:6s} peak RSS {m['peak_rss_mb']:.0f} MiB, trained params+grads+AdamW {m['state_mb']:.1f} MiB "
-              f"({m['trainable']:,} trainable)")
-    print(f"peak RSS ember/PEFT: {mem['ember']['peak_rss_mb'] / mem['peft']['peak_rss_mb']:.2f}x")
+        nf4 = f", base block linears NF4 at {m['nf4_bytes_per_weight']:.3f} B/weight" if m["nf4_bytes_per_weight"] else ""
+        print(f"  {who:11s} peak RSS {m['peak_rss_mb']:.0f} MiB, trained params+grads+AdamW {m['state_mb']:.1f} MiB "
+              f"({m['trainable']:,} trainable){nf4}")
+    print(f"peak RSS ember/PEFT: {mem['ember']['peak_rss_mb'] / mem['peft']['peak_rss_mb']:.2f}x; "
+          f"QLoRA/LoRA (ember): {mem['ember-qlora']['peak_rss_mb'] / mem['ember']['peak_rss_mb']:.2f}x")
 
 
 if __name__ == "__main__":

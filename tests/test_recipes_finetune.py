@@ -121,3 +121,19 @@ def test_qlora_merge_writes_a_parity_report(base, tmp_path, capsys):
     assert cli(["finetune", "--checkpoint", str(base / "base"), "--data.path", str(base / "data.jsonl"),
                 "--quant", "nf4"]) == 1
     assert "quantizes the frozen base of a LoRA run" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_lora_finetune_under_fsdp2_equals_one_process(base, tmp_path):
+    """`ember finetune --nproc-per-node 2` (FSDP2, gloo) with LoRA: the same losses as 1 process on the same
+    global batch, and an adapter checkpoint that loads."""
+    from ember.io.checkpoint import load_checkpoint
+
+    lora = ["--lora.r", "4", "--lora.targets", "all-linear", "--train.eval-every", "0", "--train.save-every", "0"]
+    assert cli(args(base, tmp_path / "one", *lora, "--train.batch-size", "4")) == 0
+    assert cli(args(base, tmp_path / "two", *lora, "--train.batch-size", "2", "--nproc-per-node", "2",
+                    "--parallel.data-parallel", "fsdp")) == 0
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == list(range(1, 7))
+    assert [two[s] for s in one] == pytest.approx([one[s] for s in one], abs=1e-5)
+    load_checkpoint(tmp_path / "two" / "final")

@@ -1,8 +1,10 @@
 """`ExampleLoader`: seeded, resumable, rank-aware batches over a list of examples (SFT, classification).
 
-A subclass says how an epoch is cut into batches (`_batches(epoch)`: lists of example indices, the same
-on every rank for a given seed, then strided by rank) and how a batch is collated (`collate`). The
-state is (epoch, position) plus the settings that must match on resume.
+A subclass says how an epoch is cut into global batches (`_batches(epoch)`: lists of `global_batch` =
+batch_size x dp_size example indices, the same on every rank for a given seed; rank r takes slice r of
+each) and how a batch is collated (`collate`). So N ranks of batch B see exactly the examples one
+process of batch N x B sees in each step. The state is (epoch, position) plus the settings that must
+match on resume.
 """
 
 from __future__ import annotations
@@ -28,10 +30,15 @@ class ExampleLoader(ABC):
         self._plan_epoch, self._plan = -1, []
 
     # ---------------------------------------------------------------- what a subclass defines
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.dp_size
+
     def _batches(self, epoch: int) -> list[list[int]]:
-        """All batches of an epoch (every rank computes the same list)."""
+        """All global batches of an epoch (every rank computes the same list)."""
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-        return [perm[i:i + self.batch_size].tolist() for i in range(0, len(perm) - self.batch_size + 1, self.batch_size)]
+        g = self.global_batch
+        return [perm[i:i + g].tolist() for i in range(0, len(perm) - g + 1, g)]
 
     @abstractmethod
     def collate(self, chosen: list) -> dict:
@@ -42,9 +49,13 @@ class ExampleLoader(ABC):
 
     # ---------------------------------------------------------------- shared
     def _mine(self, epoch: int) -> list[list[int]]:
-        batches = self._batches(epoch)
-        n = len(batches) // self.dp_size
-        return batches[self.dp_rank::self.dp_size][:n]
+        """This rank's contiguous share of every global batch."""
+        out = []
+        for b in self._batches(epoch):
+            k = len(b) // self.dp_size
+            if k:
+                out.append(b[self.dp_rank * k:(self.dp_rank + 1) * k])
+        return out
 
     def next_batch(self) -> dict:
         if self._plan_epoch != self.epoch:

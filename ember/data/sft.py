@@ -308,11 +308,12 @@ class SFTLoader(ExampleLoader):
         """Length-sorted groups (or, packed, enough examples to fill batch_size rows), shuffled."""
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.examples))
+        g = self.global_batch
         if not self.pack:  # sort within windows of 32 batches so each batch holds similar lengths
-            w = 32 * self.batch_size
+            w = 32 * g
             order = np.concatenate([sorted(order[i:i + w], key=lambda j: len(self.examples[j][0]))
                                     for i in range(0, len(order), w)])
-        per = self.batch_size if not self.pack else self.batch_size * max(1, self.max_length // max(
+        per = g if not self.pack else g * max(1, self.max_length // max(
             1, int(np.mean([len(e[0]) for e in self.examples]))))
         batches = [order[i:i + per].tolist() for i in range(0, len(order) - per + 1, per)]
         rng.shuffle(batches)
