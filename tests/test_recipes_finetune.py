@@ -79,6 +79,11 @@ def test_lora_finetune_adapter_checkpoint_merge_and_resume(base, tmp_path, capsy
     assert (merged / "final.adapter" / "adapter_model.safetensors").is_file()
     with torch.no_grad():
         torch.testing.assert_close(m(x), tuned(x), rtol=1e-5, atol=1e-5)  # same run, same seed: same adapter
+    transformers = pytest.importorskip("transformers")  # the merged weights export and load in transformers
+    assert cli(["convert", "--to-hf", str(merged / "final"), "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=x).logits, m(x), rtol=1e-5, atol=1e-5)
 
     resumed = tmp_path / "resumed"
     assert cli(args(base, resumed, *lora, "--stop-at", "3")) == 0
