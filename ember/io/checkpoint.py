@@ -274,7 +274,8 @@ def _load_with_adapter(d: Path, meta: dict, cfg: ModelConfig, device, dtype) -> 
         raise CheckpointError(f"{d / META}: the adapter's base checkpoint {base} is gone. HINT: put the base "
                               "checkpoint back, or merge the adapter into full weights (ember finetune --merge)")
     model, base_meta = load_checkpoint(base, device=device, dtype=dtype)
-    if model.cfg.to_dict() != cfg.to_dict():
+    same = lambda c: {k: v for k, v in c.to_dict().items() if k != "dropout"}  # noqa: E731 (training-only)
+    if same(model.cfg) != same(cfg):
         raise CheckpointError(f"{d / META}: the base checkpoint {base} no longer has the model the adapter was "
                               "trained on. HINT: use the original base checkpoint")
     if meta.get("extra", {}).get("base_quant") == "nf4":  # trained against the NF4 base: use what it saw

@@ -142,17 +142,18 @@ def _export(cfg: Config, run, base_sd: dict, tok_dir: Optional[Path], val: dict)
         save_state_dict(trained, mcfg, final, tokenizer_dir=tok_dir, extra=extra)
         log(f"final checkpoint (full weights): {final}")
         return
-    base = _trained_base(base_sd, cfg.quant)
+    quant = getattr(cfg, "quant", "none")  # also serves ember dpo, which has no QLoRA
+    base = _trained_base(base_sd, quant)
     plain = from_state_dict(mcfg, dict(base))
     apply_lora(plain, cfg.lora)
     adapter = {k.replace("_orig_mod.", "").replace("module.", ""): v for k, v in trained.items() if ".lora_" in k}
     missing = plain.load_state_dict(adapter, strict=False).missing_keys
     assert not any(".lora_" in k for k in missing), "adapter tensors missing from the trained model"
-    extra["base_quant"] = cfg.quant
+    extra["base_quant"] = quant
     if cfg.merge:
         save_adapter(plain, mcfg, cfg.lora, final.with_name("final.adapter"), base=cfg.checkpoint)
         unmerged = None
-        if cfg.quant == "nf4":
+        if quant == "nf4":
             unmerged = _qlora_model(mcfg, base_sd, plain, cfg)
         merge_lora(plain)
         save_state_dict(plain.state_dict(), mcfg, final, tokenizer_dir=tok_dir, extra=extra)

@@ -201,3 +201,92 @@ class ClassifierLoss:
         loss = F.cross_entropy(logits, labels, reduction="sum")
         correct = (logits.argmax(-1) == labels).float().sum()
         return LossOutput(loss, self.weight(batch), {"accuracy": correct.detach()})
+
+
+# ------------------------------------------------------------------------------------ preferences
+def sequence_logps(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) sum over each row of log p(label_t | ids_<=t), labels -100 not counted (completion tokens only)."""
+    logits = model(ids).float()  # (B, T, V)
+    mask = labels != IGNORE_INDEX
+    picked = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return (picked * mask).sum(-1)
+
+
+def pair_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen (B,), rejected (B,)) completion log-probs, in one forward over the 2B rows."""
+    B = batch["chosen_ids"].shape[0]
+    ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    lp = sequence_logps(model, ids, labels)
+    return lp[:B], lp[B:]
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation (arXiv:2305.18290) and its variants."""
+
+    beta: float = 0.1
+    """Strength of the implicit KL to the reference (the rewards are beta * log-ratio)."""
+    loss: str = "sigmoid"
+    """sigmoid (DPO), ipo (arXiv:2310.12036), hinge (SLiC), robust (arXiv:2403.00409)."""
+    label_smoothing: float = 0.0
+    """cDPO / robust DPO: the assumed fraction of flipped preference labels."""
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("sigmoid", "ipo", "hinge", "robust"):
+            raise ValueError(f"dpo.loss={self.loss!r}: expected sigmoid, ipo, hinge or robust")
+        if not self.beta > 0:
+            raise ValueError(f"dpo.beta={self.beta}: expected > 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"dpo.label_smoothing={self.label_smoothing}: expected a fraction in [0, 0.5)")
+
+
+def dpo_losses(cfg: DPOConfig, pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-pair losses, chosen rewards, rejected rewards) from policy / reference log-probs (B,) each."""
+    logits = (pc - pr) - (rc - rr)
+    b, ls = cfg.beta, cfg.label_smoothing
+    if cfg.loss == "sigmoid":
+        losses = -F.logsigmoid(b * logits) * (1 - ls) - F.logsigmoid(-b * logits) * ls
+    elif cfg.loss == "robust":
+        losses = (-F.logsigmoid(b * logits) * (1 - ls) + F.logsigmoid(-b * logits) * ls) / (1 - 2 * ls)
+    elif cfg.loss == "hinge":
+        losses = torch.relu(1 - b * logits)
+    else:  # ipo
+        losses = (logits - 1 / (2 * b)) ** 2
+    return losses, b * (pc - rc).detach(), b * (pr - rr).detach()
+
+
+class DPOLoss:
+    """The DPO family over preference batches (ember.data.pref.pair_batch); units are pairs.
+
+    `reference`: a frozen model (the Trainer's `frozen["reference"]`), or None: the policy itself with
+    its LoRA adapters disabled (no second copy in memory). Metrics are named as TRL names them."""
+
+    def __init__(self, cfg: DPOConfig, reference: Optional[torch.nn.Module] = None):
+        self.cfg, self.reference = cfg, reference
+
+    @staticmethod
+    def weight(batch: dict) -> float:
+        return float(batch["chosen_ids"].shape[0])
+
+    def reference_logps(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            if self.reference is not None:
+                return pair_logps(self.reference, batch)
+            from ember.peft.lora import adapters_disabled, has_lora
+
+            if not has_lora(model):
+                raise ValueError("DPO without a reference model needs LoRA adapters on the policy (the reference "
+                                 "is the policy with them disabled)")
+            with adapters_disabled(model):
+                return pair_logps(model, batch)
+
+    def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
+        rc, rr = self.reference_logps(model, batch)
+        pc, pr = pair_logps(model, batch)
+        losses, cr, rj = dpo_losses(self.cfg, pc, pr, rc, rr)
+        metrics = {"rewards/chosen": cr.sum(), "rewards/rejected": rj.sum(), "rewards/margins": (cr - rj).sum(),
+                   "rewards/accuracies": (cr > rj).float().sum(), "logps/chosen": pc.detach().sum(),
+                   "logps/rejected": pr.detach().sum()}
+        return LossOutput(losses.sum(), self.weight(batch), metrics)
