@@ -23,10 +23,15 @@ BLOCK, SCALER_BLOCK = 64, 256
 
 
 def _nf4():
-    with warnings.catch_warnings():  # torchao's import warns about CUDA extensions on CPU machines
-        warnings.simplefilter("ignore")
-        from torchao.quantization import to_nf4
-        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, linear_nf4
+    try:
+        with warnings.catch_warnings():  # torchao's import warns about CUDA extensions on CPU machines
+            warnings.simplefilter("ignore")
+            from torchao.quantization import to_nf4
+            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, linear_nf4
+    except ImportError as e:
+        from ember.errors import EmberError
+
+        raise EmberError(f"--quant nf4 needs torchao ({e}). HINT: pip install 'torchao>=0.16'") from None
     return to_nf4, NF4Tensor, linear_nf4
 
 
