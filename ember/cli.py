@@ -20,6 +20,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("generate",): ("ember.recipes.generate", "generate text from a checkpoint"),
     ("chat",): ("ember.recipes.chat", "chat with a checkpoint interactively"),
     ("convert",): ("ember.recipes.convert", "convert checkpoints to/from Hugging Face format"),
+    ("reward", "train"): ("ember.recipes.reward_train", "train a reward model on preference pairs"),
+    ("reward", "score"): ("ember.recipes.reward_score", "score prompt + completion pairs with a reward model"),
     ("model", "info"): ("ember.recipes.model_info", "parameters, FLOPs and memory of a preset or checkpoint"),
     ("tokenizer", "train"): ("ember.recipes.tokenizer_train", "train a byte-level BPE tokenizer"),
     ("data", "prepare"): ("ember.recipes.data_prepare", "clean, filter, dedup, scrub and tokenize text into shards"),

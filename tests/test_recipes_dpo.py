@@ -82,26 +82,8 @@ def test_adapter_disabled_reference_equals_a_frozen_copy():
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    from ember.io.checkpoint import save_checkpoint
-    from ember.models import Transformer, preset
-    from ember.tokenizer import train_bpe
-
-    root = tmp_path_factory.mktemp("dpo")
-    texts = ["Is the sky blue? Yes, it is blue. No, it is green. What colour is grass? Green. Red.\n"] * 40
-    train_bpe(texts, vocab_size=300).save(root / "tok")
-    model = Transformer(preset("tiny-llama", vocab_size=320, block_size=128, dropout=0.1))
-    model.init_weights(0)
-    save_checkpoint(model, root / "base", tokenizer_dir=root / "tok")
-    rows = []
-    for i in range(40):
-        rows.append({"prompt": [{"role": "user", "content": "Is the sky blue?"}],
-                     "chosen": [{"role": "assistant", "content": "Yes, it is blue."}],
-                     "rejected": [{"role": "assistant", "content": "No, it is green."}]})
-        rows.append({"conversations": [{"from": "human", "value": "What colour is grass?"}],
-                     "chosen": {"from": "gpt", "value": "Green."}, "rejected": {"from": "gpt", "value": "Red."}})
-    (root / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return root
+def base(pref_base):
+    return pref_base
 
 
 def _args(base, run, *extra):

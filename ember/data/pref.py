@@ -144,10 +144,28 @@ def pair_batch(pairs: list[tuple], pad_id: int) -> dict:
     return out
 
 
+def reward_batch(pairs: list[tuple], pad_id: int) -> dict:
+    """{"chosen_ids", "chosen_last", "rejected_ids", "rejected_last"}: whole right-padded sequences (B, T)
+    and the index of each one's last real token (where a reward model reads its score)."""
+    from ember.data.cls import cls_batch
+
+    out = {}
+    for side, k in (("chosen", 0), ("rejected", 1)):
+        b = cls_batch([(pair[k][0], 0) for pair in pairs], pad_id)
+        out[f"{side}_ids"], out[f"{side}_last"] = b["input_ids"], b["last"]
+    return out
+
+
 class PairLoader(ExampleLoader):
-    """Seeded, resumable, rank-aware batches of preference pairs (`pair_batch`)."""
+    """Seeded, resumable, rank-aware batches of preference pairs: `pair_batch` (DPO: inputs and shifted
+    completion labels) or, with reward=True, `reward_batch` (whole sequences and their last tokens)."""
 
     name = "preference data"
 
+    def __init__(self, examples: list, batch_size: int, pad_id: int, seed: int = 0, dp_rank: int = 0,
+                 dp_size: int = 1, reward: bool = False):
+        super().__init__(examples, batch_size, pad_id, seed, dp_rank, dp_size)
+        self.reward = reward
+
     def collate(self, chosen: list) -> dict:
-        return pair_batch(chosen, self.pad_id)
+        return reward_batch(chosen, self.pad_id) if self.reward else pair_batch(chosen, self.pad_id)

@@ -290,3 +290,41 @@ class DPOLoss:
                    "rewards/accuracies": (cr > rj).float().sum(), "logps/chosen": pc.detach().sum(),
                    "logps/rejected": pr.detach().sum()}
         return LossOutput(losses.sum(), self.weight(batch), metrics)
+
+
+@dataclass
+class RewardConfig:
+    """Bradley-Terry reward model: -log sigmoid(r_chosen - r_rejected - margin)."""
+
+    margin: float = 0.0
+    """A margin the chosen reward must beat the rejected one by (Llama-2's margin loss)."""
+    center: float = 0.0
+    """Reward centering coefficient: adds center * (r_chosen + r_rejected)^2 (keeps rewards near 0)."""
+
+
+class RewardLoss:
+    """Pairwise Bradley-Terry loss of a scalar head (Transformer(cfg, n_out=1)) at each sequence's last real
+    token (ember.data.pref.reward_batch: padding is never pooled); units are pairs; metrics accuracy, margin."""
+
+    def __init__(self, cfg: Optional[RewardConfig] = None):
+        self.cfg = cfg or RewardConfig()
+
+    @staticmethod
+    def weight(batch: dict) -> float:
+        return float(batch["chosen_ids"].shape[0])
+
+    @staticmethod
+    def rewards(model: torch.nn.Module, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        return pooled_logits(model, {"input_ids": ids, "last": last}).float().squeeze(-1)  # (B,)
+
+    def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
+        B = batch["chosen_ids"].shape[0]
+        rc = self.rewards(model, batch["chosen_ids"], batch["chosen_last"])
+        rr = self.rewards(model, batch["rejected_ids"], batch["rejected_last"])
+        losses = -F.logsigmoid(rc - rr - self.cfg.margin)
+        if self.cfg.center:
+            losses = losses + self.cfg.center * (rc + rr) ** 2
+        return LossOutput(losses.sum(), float(B), {"accuracy": (rc > rr).float().sum(),
+                                                   "margin": (rc - rr).detach().sum(),
+                                                   "rewards/chosen": rc.detach().sum(),
+                                                   "rewards/rejected": rr.detach().sum()})
