@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("pretrain",): ("ember.recipes.pretrain", "train a model from scratch on token shards (the main job)"),
     ("dpo",): ("ember.recipes.dpo", "align a checkpoint on preference pairs (DPO, IPO, hinge, robust)"),
+    ("grpo",): ("ember.recipes.grpo", "online RL with GRPO: rollouts from the policy, rewards by function or model"),
     ("finetune",): ("ember.recipes.finetune", "fine-tune a checkpoint on instruction data (full or LoRA)"),
     ("classify", "train"): ("ember.recipes.classify_train", "train a text classifier on a checkpoint's body"),
     ("classify", "eval"): ("ember.recipes.classify_eval", "accuracy, per-class P/R/F1 and a confusion matrix"),

@@ -83,8 +83,50 @@ def _throughput_axes(ax, records: list[dict]) -> None:
         ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right", fontsize=8)
 
 
+_STANDARD = {"step", "split", "time", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens_seen", "elapsed_s",
+             "eta_s", "skipped", "ppl"}
+
+
+def objective_metrics(records: list[dict]) -> list[str]:
+    """The objective's own metrics in a run (accuracy, rewards/margins, reward, kl, ...), in first-seen order."""
+    seen: dict[str, None] = {}
+    for r in records:
+        for k, v in r.items():
+            if k not in _STANDARD and isinstance(v, (int, float)) and not isinstance(v, bool):
+                seen[k] = None
+    return list(seen)
+
+
+def _metrics_figure(plt, records: list[dict], path: Path) -> Optional[Path]:
+    """metrics.png: one panel per objective metric (train and validation), e.g. a GRPO run's reward."""
+    from matplotlib.ticker import MaxNLocator
+
+    keys = objective_metrics(records)
+    if not keys:
+        return None
+    cols = min(3, len(keys))
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for split, style in (("train", "-"), ("val", "o-")):
+            xs, ys = series(records, split, key)
+            if xs:
+                ax.plot(xs, ys, style, lw=1.2, ms=4, label=split)
+        ax.set(title=key, xlabel="step")
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_run(run_dir: str | Path, out: Optional[str | Path] = None) -> list[Path]:
-    """Write loss.png, lr.png, throughput.png and overview.png; returns their paths."""
+    """Write loss.png, lr.png, throughput.png, overview.png and (when the objective logs its own metrics)
+    metrics.png; returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,7 +174,8 @@ def plot_run(run_dir: str | Path, out: Optional[str | Path] = None) -> list[Path
     fig.savefig(out_dir / "overview.png", dpi=100)
     plt.close(fig)
     written.append(out_dir / "overview.png")
-    return written
+    extra = _metrics_figure(plt, records, out_dir / "metrics.png")
+    return written + ([extra] if extra else [])
 
 
 def main(cfg: Config) -> int:

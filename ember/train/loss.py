@@ -328,3 +328,99 @@ class RewardLoss:
                                                    "margin": (rc - rr).detach().sum(),
                                                    "rewards/chosen": rc.detach().sum(),
                                                    "rewards/rejected": rr.detach().sum()})
+
+
+# ------------------------------------------------------------------------------------ online RL
+@dataclass
+class GRPOConfig:
+    """Group-relative policy optimisation (DeepSeekMath, arXiv:2402.03300)."""
+
+    group_size: int = 4
+    """Completions sampled per prompt (G); advantages are relative within each group."""
+    epsilon: float = 0.2
+    """Clip range of the probability ratio."""
+    beta: float = 0.0
+    """Weight of the KL to the reference (k3 estimator); 0 = no KL term (and no reference pass)."""
+    aggregation: str = "token"
+    """token: every completion token weighs the same; sequence: every completion does (mean over its tokens)."""
+    std_eps: float = 1e-4
+    """Added to the group std before dividing (a zero-std group gets advantage 0)."""
+
+    def __post_init__(self) -> None:
+        if self.group_size < 2:
+            raise ValueError(f"rl.group_size={self.group_size}: expected at least 2 completions per prompt")
+        if self.aggregation not in ("token", "sequence"):
+            raise ValueError(f"rl.aggregation={self.aggregation!r}: expected token or sequence")
+        if not 0 < self.epsilon < 1 or self.beta < 0:
+            raise ValueError(f"rl.epsilon={self.epsilon}, rl.beta={self.beta}: expected 0 < epsilon < 1, beta >= 0")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """(r - group mean) / (group std (unbiased) + eps), rows grouped in consecutive runs of group_size."""
+    r = rewards.view(-1, group_size).double()
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
+    return adv.view(-1).to(rewards.dtype)
+
+
+def token_logps(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) log p(label_t | ids_<=t) (0 where labels are -100)."""
+    logits = model(ids).float()
+    picked = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * (labels != IGNORE_INDEX)
+
+
+class GRPOLoss:
+    """The clipped-ratio policy-gradient objective over rollout batches (ember.train.rollouts).
+
+    batch: "input_ids" (B, T) prompt + completion, "labels" (B, T) the completion tokens (else -100),
+    "advantages" (B,), optional "old_logps" (B, T) (default: this policy's own, detached: one update per
+    rollout, so the ratio is 1 and the gradient is advantage x grad log p), and per-completion stats.
+    With beta > 0 the k3 KL to `reference` (a frozen model, or None: the policy with its adapters
+    disabled) is added per token. The loss stays near 0 by construction (advantages are zero-mean per
+    group; exactly 0 at the first step with sequence aggregation): learning shows in the rewards."""
+
+    def __init__(self, cfg: GRPOConfig, reference: Optional[torch.nn.Module] = None):
+        self.cfg, self.reference = cfg, reference
+
+    def weight(self, batch: dict) -> float:
+        if self.cfg.aggregation == "sequence":
+            return float(batch["labels"].shape[0])
+        return float((batch["labels"] != IGNORE_INDEX).sum())
+
+    def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
+        ids, labels, adv = batch["input_ids"], batch["labels"], batch["advantages"]
+        mask = (labels != IGNORE_INDEX).float()
+        logp = token_logps(model, ids, labels)
+        old = batch.get("old_logps")
+        old = logp.detach() if old is None else old
+        ratio = torch.exp(logp - old)
+        a = adv.to(logp.dtype).unsqueeze(1)  # (B, 1)
+        eps = self.cfg.epsilon
+        obj = torch.minimum(ratio * a, ratio.clamp(1 - eps, 1 + eps) * a)
+        per_token = -obj
+        kl = torch.zeros_like(logp)
+        if self.cfg.beta:
+            with torch.no_grad():
+                if self.reference is not None:
+                    ref = token_logps(self.reference, ids, labels)
+                else:
+                    from ember.peft.lora import adapters_disabled
+
+                    with adapters_disabled(model):
+                        ref = token_logps(model, ids, labels)
+            kl = torch.exp(ref - logp) - (ref - logp) - 1  # k3: unbiased, >= 0
+            per_token = per_token + self.cfg.beta * kl
+        n_tok = mask.sum(1).clamp(min=1)  # (B,)
+        if self.cfg.aggregation == "sequence":
+            loss = ((per_token * mask).sum(1) / n_tok).sum()
+        else:
+            loss = (per_token * mask).sum()
+        w = self.weight(batch)
+        clipped = (((ratio < 1 - eps) & (a < 0)) | ((ratio > 1 + eps) & (a > 0))).float() * mask
+        # per-step means whatever the units: each metric is its mean times the batch's weight
+        metrics = {"kl": ((kl * mask).sum(1) / n_tok).mean().detach() * w,
+                   "clip_fraction": (clipped.sum() / mask.sum().clamp(min=1)).detach() * w}
+        for k in ("reward", "reward_std", "zero_std_groups", "completion_length"):
+            if k in batch:
+                metrics[k] = batch[k].float().mean() * w
+        return LossOutput(loss, w, metrics)
