@@ -143,3 +143,18 @@ def test_step0_check_names_dropout():
              ("chosen_ids", "rejected_ids", "chosen_labels", "rejected_labels")}
     with pytest.raises(EmberError, match="step-0 check failed.*dropout is on"):
         check_step0(DPOLoss(DPOConfig(), ref.eval()), m, batch, DPOConfig(), ref)
+
+
+@pytest.mark.slow
+def test_dpo_two_processes_equal_one(base, tmp_path):
+    """`ember dpo --nproc-per-node 2` (DDP, gloo), frozen reference: the losses of 1 process on the same global batch."""
+    common = ["--train.eval-every", "0", "--train.save-every", "0", "--train.lr", "1e-3"]
+    assert cli(_args(base, tmp_path / "one", *common, "--train.batch-size", "4")) == 0
+    assert cli(_args(base, tmp_path / "two", *common, "--train.batch-size", "2", "--nproc-per-node", "2",
+                     "--parallel.data-parallel", "ddp")) == 0
+
+    def losses(run):
+        return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()
+                if json.loads(x)["split"] == "train"]
+
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
