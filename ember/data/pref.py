@@ -22,7 +22,8 @@ from typing import Any, Optional
 import torch
 
 from ember.data.examples import ExampleLoader
-from ember.data.sft import IGNORE, SFTStats, _fit, chat_example, check_turns, read_records, text_example
+from ember.data.sft import (IGNORE, SFTStats, _fit, chat_example, check_limits, check_turns, read_records,
+                            text_example)
 from ember.errors import EmberError
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -46,12 +47,7 @@ class PrefDataConfig:
     """Seed of the validation split and the batch order."""
 
     def __post_init__(self) -> None:
-        if self.truncation not in ("right", "left", "drop"):
-            raise ValueError(f"data.truncation={self.truncation!r}: expected right, left or drop")
-        if self.max_length < 2:
-            raise ValueError(f"data.max_length={self.max_length}: expected at least 2 tokens")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction={self.val_fraction}: expected a fraction in [0, 1)")
+        check_limits(self)
 
 
 def _msgs(x: Any, where: str) -> list[dict]:

@@ -69,12 +69,17 @@ class SFTDataConfig:
     """Seed of the validation split and of the batch order."""
 
     def __post_init__(self) -> None:
-        if self.truncation not in ("right", "left", "drop"):
-            raise ValueError(f"data.truncation={self.truncation!r}: expected right, left or drop")
-        if self.max_length < 2:
-            raise ValueError(f"data.max_length={self.max_length}: expected at least 2 tokens")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction={self.val_fraction}: expected a fraction in [0, 1)")
+        check_limits(self)
+
+
+def check_limits(cfg) -> None:
+    """The truncation, max_length and val_fraction checks every example-data config shares."""
+    if cfg.truncation not in ("right", "left", "drop"):
+        raise ValueError(f"data.truncation={cfg.truncation!r}: expected right, left or drop")
+    if cfg.max_length < 2:
+        raise ValueError(f"data.max_length={cfg.max_length}: expected at least 2 tokens")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction={cfg.val_fraction}: expected a fraction in [0, 1)")
 
 
 @dataclass
