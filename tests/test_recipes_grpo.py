@@ -89,3 +89,36 @@ def test_grpo_raises_the_reward_and_resumes_exactly(rl, tmp_path, capsys):
     assert _metric(resumed, "loss") == _metric(run, "loss")
     assert cli(_args(root, base, tmp_path / "x", "--reward", "nope.py:f")) == 1
     assert "nope.py not found" in capsys.readouterr().err
+
+
+def test_gae_equals_a_reference_loop():
+    from ember.train.loss import gae
+
+    g = torch.Generator().manual_seed(0)
+    rewards, values = torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)
+    mask = torch.zeros(3, 7)
+    mask[0, 2:6] = mask[1, 0:7] = mask[2, 4:5] = 1
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    for b in range(3):
+        idx = mask[b].nonzero().flatten().tolist()
+        a_next = v_next = 0.0
+        for t in reversed(idx):  # the textbook recursion over the completion tokens only
+            delta = float(rewards[b, t]) + 0.9 * v_next - float(values[b, t])
+            a_next = delta + 0.9 * 0.8 * a_next
+            v_next = float(values[b, t])
+            assert float(adv[b, t]) == pytest.approx(a_next, abs=1e-5)
+            assert float(ret[b, t]) == pytest.approx(a_next + float(values[b, t]), abs=1e-5)
+    assert torch.equal(adv * (1 - mask), torch.zeros_like(adv))
+
+
+def test_ppo_mode_learns_and_exports_the_policy_only(rl, tmp_path):
+    from ember.io.checkpoint import load_checkpoint
+
+    root, base = rl
+    run = tmp_path / "ppo"
+    assert cli(_args(root, base, run, "--rl.algo", "ppo", "--rl.beta", "0.02")) == 0
+    rewards = _metric(run, "reward")
+    assert sum(rewards[-10:]) / 10 > sum(rewards[:5]) / 5 + 0.1
+    assert "value_loss" in json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    model, _ = load_checkpoint(run / "final")  # a plain policy: the value head stayed behind
+    assert not hasattr(model, "value_head")

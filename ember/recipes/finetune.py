@@ -133,6 +133,7 @@ def _export(cfg: Config, run, base_sd: dict, tok_dir: Optional[Path], val: dict)
     # collective: every rank takes part; with LoRA only the adapters (the frozen base is the checkpoint's)
     trained = get_model_state_dict(run.trainer.model, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=bool(cfg.lora.r)))
+    trained = {k: v for k, v in trained.items() if not k.startswith("value_head.")}  # PPO's critic stays behind
     if not run.dims.is_main:
         return
     final = Path(cfg.run_dir) / "final"

@@ -1,4 +1,5 @@
-"""Online RL with GRPO: the policy samples G completions per prompt, rewards rank them within the group.
+"""Online RL with GRPO (or PPO, `--rl.algo ppo`): the policy samples G completions per prompt and learns
+from their rewards.
 
     ember grpo --checkpoint runs/smollm2 --data.path prompts.jsonl --reward my_rewards.py:brevity --lora.r 8
     ember grpo --checkpoint DIR --data.path prompts.jsonl --reward rewards.py:fmt --reward-model runs/reward/final \\
@@ -12,6 +13,11 @@ groups whose rewards are all equal (they teach nothing), KL, clip fraction and c
 loss itself stays near 0 by construction (zero-mean advantages; exactly 0 with sequence aggregation):
 watch the reward. Prompts: JSONL with a "prompt" string per line. Every rollout is appended to
 run_dir/samples.jsonl.
+
+`--rl.algo ppo`: PPO with a value head on the policy's body (zero-initialised), per-token rewards (the
+score at the last token, -beta x the log-ratio to the reference on every token), GAE advantages
+(`--rl.gamma`, `--rl.lam`, whitened), the clipped-ratio objective and a clipped value loss
+(`--rl.vf-coef`, `--rl.cliprange-value`); the value head is not exported with the policy.
 """
 
 from __future__ import annotations
@@ -110,7 +116,7 @@ def _run(cfg: Config, dims) -> int:
     from ember.parallel import unwrap
     from ember.peft.lora import apply_lora
     from ember.recipes.finetune import _export
-    from ember.train.loss import GRPOLoss
+    from ember.train.loss import GRPOLoss, PPOLoss
     from ember.train.rollouts import RolloutLoader, load_reward_fn, reward_model_fn
     from ember.train.run import start_run
 
@@ -126,14 +132,27 @@ def _run(cfg: Config, dims) -> int:
                            seed=cfg.train.seed, std_eps=cfg.rl.std_eps)
     base_sd = base.state_dict()
     frozen = {"reference": (mcfg, base_sd)} if cfg.rl.beta and not cfg.lora.r else None
-    transform = (lambda m: apply_lora(m, cfg.lora, seed=cfg.train.seed)) if cfg.lora.r else None
-    loss_fn = GRPOLoss(cfg.rl)
+
+    def transform(m):
+        if cfg.lora.r:
+            apply_lora(m, cfg.lora, seed=cfg.train.seed)
+        if cfg.rl.algo == "ppo":  # a value head on the policy's body, starting at V = 0
+            import torch
+
+            m.value_head = torch.nn.Linear(mcfg.n_embd, 1)
+            torch.nn.init.zeros_(m.value_head.weight)
+            torch.nn.init.zeros_(m.value_head.bias)
+
+    loss_fn = PPOLoss(cfg.rl) if cfg.rl.algo == "ppo" else GRPOLoss(cfg.rl)
     tok_dir = Path(cfg.checkpoint) / "tokenizer"
     run = start_run(cfg, dims, mcfg, loss_fn, loader, None, seq_len=cfg.data.max_new_tokens,
-                    weights=base_sd, transform=transform, frozen=frozen,
+                    weights=base_sd, transform=transform if (cfg.lora.r or cfg.rl.algo == "ppo") else None,
+                    frozen=frozen,
                     meta={"tokenizer_dir": str(tok_dir) if tok_dir.is_dir() else None, "base": cfg.checkpoint})
     loss_fn.reference = (run.trainer.frozen or {}).get("reference")
     loader.policy = unwrap(run.trainer.model)
+    if cfg.rl.algo == "ppo":
+        loader.prepare = loss_fn.prepare
     log("GRPO: the loss is no learning curve here: advantages are zero-mean within each group, so it stays near 0 "
         "(exactly 0 with --rl.aggregation sequence); learning shows in the reward column")
     loader.samples_path = Path(cfg.run_dir) / "samples.jsonl"  # every rollout, for inspection

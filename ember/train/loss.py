@@ -345,8 +345,20 @@ class GRPOConfig:
     """token: every completion token weighs the same; sequence: every completion does (mean over its tokens)."""
     std_eps: float = 1e-4
     """Added to the group std before dividing (a zero-std group gets advantage 0)."""
+    algo: str = "grpo"
+    """grpo: group-relative advantages; ppo: a value head on the policy's body and GAE advantages."""
+    gamma: float = 1.0
+    """PPO: discount of the per-token rewards."""
+    lam: float = 0.95
+    """PPO: GAE lambda."""
+    vf_coef: float = 0.1
+    """PPO: weight of the value loss."""
+    cliprange_value: float = 0.2
+    """PPO: clip range of the value prediction around its rollout-time value."""
 
     def __post_init__(self) -> None:
+        if self.algo not in ("grpo", "ppo"):
+            raise ValueError(f"rl.algo={self.algo!r}: expected grpo or ppo")
         if self.group_size < 2:
             raise ValueError(f"rl.group_size={self.group_size}: expected at least 2 completions per prompt")
         if self.aggregation not in ("token", "sequence"):
@@ -421,6 +433,88 @@ class GRPOLoss:
         metrics = {"kl": ((kl * mask).sum(1) / n_tok).mean().detach() * w,
                    "clip_fraction": (clipped.sum() / mask.sum().clamp(min=1)).detach() * w}
         for k in ("reward", "reward_std", "zero_std_groups", "completion_length"):
+            if k in batch:
+                metrics[k] = batch[k].float().mean() * w
+        return LossOutput(loss, w, metrics)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over each row's completion tokens (mask (B, T), contiguous):
+    delta_t = r_t + gamma V_{t+1} - V_t (V = 0 after the last token), A_t = delta_t + gamma lam A_{t+1}.
+    Returns (advantages, returns = advantages + values), both 0 outside the mask."""
+    B, T = rewards.shape
+    adv = torch.zeros_like(rewards)
+    nxt_v = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    nxt_a = torch.zeros_like(nxt_v)
+    for t in range(T - 1, -1, -1):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * nxt_v - values[:, t]
+        a = delta + gamma * lam * nxt_a
+        adv[:, t] = a * m
+        nxt_v = torch.where(m > 0, values[:, t], nxt_v)
+        nxt_a = torch.where(m > 0, a, nxt_a)
+    return adv, (adv + values) * mask
+
+
+def values_of(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (B, T, V), values (B, T)) from one pass of the body: the LM head and the value head."""
+    h = model.hidden_states(ids)
+    return model.output(h), model.value_head(h).squeeze(-1).float()
+
+
+class PPOLoss(GRPOLoss):
+    """PPO with a value head on the policy's body (`model.value_head`, added by the recipe): per-token
+    GAE advantages (whitened over the batch), the clipped-ratio objective and a clipped value loss.
+    The KL to the reference enters the per-token rewards (-beta (log p - log p_ref)), not the loss.
+
+    `prepare(model, batch)` runs at rollout time (no grad): it adds "old_logps", "old_values",
+    "advantages" (B, T) and "returns" (B, T) to the rollout batch from its per-completion "reward"."""
+
+    def prepare(self, model: torch.nn.Module, batch: dict) -> dict:
+        ids, labels = batch["input_ids"], batch["labels"]
+        mask = (labels != IGNORE_INDEX).float()
+        with torch.no_grad():
+            logits, values = values_of(model, ids)
+            logp = torch.gather(logits.float().log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+            rewards = torch.zeros_like(logp)
+            if self.cfg.beta:
+                if self.reference is not None:
+                    ref = token_logps(self.reference, ids, labels)
+                else:
+                    from ember.peft.lora import adapters_disabled
+
+                    with adapters_disabled(model):
+                        ref = token_logps(model, ids, labels)
+                rewards = -self.cfg.beta * (logp - ref) * mask
+            last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)  # each row's last token
+            rewards[torch.arange(len(last)), last] += batch["reward"].to(rewards.dtype)
+            values = values * mask
+            adv, returns = gae(rewards, values, mask, self.cfg.gamma, self.cfg.lam)
+            sel = mask > 0
+            mean, std = adv[sel].mean(), adv[sel].std()
+            adv = (adv - mean) / (std + 1e-8) * mask
+        return {**batch, "old_logps": logp, "old_values": values, "advantages": adv, "returns": returns}
+
+    def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
+        ids, labels = batch["input_ids"], batch["labels"]
+        mask = (labels != IGNORE_INDEX).float()
+        logits, values = values_of(model, ids)
+        logp = torch.gather(logits.float().log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+        ratio = torch.exp(logp - batch["old_logps"])
+        a, eps = batch["advantages"], self.cfg.epsilon
+        pg = -torch.minimum(ratio * a, ratio.clamp(1 - eps, 1 + eps) * a)
+        old_v, ret, cv = batch["old_values"], batch["returns"], self.cfg.cliprange_value
+        v_clip = old_v + (values - old_v).clamp(-cv, cv)
+        vf = 0.5 * torch.maximum((values - ret) ** 2, (v_clip - ret) ** 2)
+        per_token = (pg + self.cfg.vf_coef * vf) * mask
+        w = self.weight(batch)
+        n_tok = mask.sum(1).clamp(min=1)
+        loss = (per_token.sum(1) / n_tok).sum() if self.cfg.aggregation == "sequence" else per_token.sum()
+        clipped = (((ratio < 1 - eps) & (a < 0)) | ((ratio > 1 + eps) & (a > 0))).float() * mask
+        metrics = {"value_loss": ((vf * mask).sum() / mask.sum().clamp(min=1)).detach() * w,
+                   "clip_fraction": (clipped.sum() / mask.sum().clamp(min=1)).detach() * w}
+        for k in ("reward", "reward_std", "completion_length"):
             if k in batch:
                 metrics[k] = batch[k].float().mean() * w
         return LossOutput(loss, w, metrics)

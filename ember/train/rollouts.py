@@ -81,6 +81,7 @@ class RolloutLoader:
         self.max_prompt_tokens = max_prompt_tokens
         self.policy: Optional[torch.nn.Module] = None  # set by the recipe once the model is built
         self.samples_path: Optional[Path] = None  # where each rollout is appended as JSONL (None: nowhere)
+        self.prepare: Optional[Callable[[torch.nn.Module, dict], dict]] = None  # PPO: values, GAE at rollout time
         self.step, self.epoch, self.pos = 0, 0, 0
         self.last_samples: list[tuple[str, str, float]] = []
 
@@ -132,7 +133,8 @@ class RolloutLoader:
                 for prompt, completion, r in self.last_samples:
                     f.write(json.dumps({"rollout": self.step, "prompt": prompt, "completion": completion,
                                         "reward": r}, ensure_ascii=False) + "\n")
-        return self._batch(rows, completions, reward)
+        batch = self._batch(rows, completions, reward)
+        return self.prepare(self.policy, batch) if self.prepare is not None else batch
 
     def _batch(self, rows: list[list[int]], completions: list[list[int]], reward: torch.Tensor) -> dict:
         full = [p + c for p, c in zip(rows, completions)]
