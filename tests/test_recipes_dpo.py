@@ -158,3 +158,22 @@ def test_dpo_two_processes_equal_one(base, tmp_path):
                 if json.loads(x)["split"] == "train"]
 
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+
+
+def test_per_token_logps_equal_trls_selective_log_softmax():
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    from ember.models import Transformer, preset
+    from ember.train.loss import token_logps
+
+    m = Transformer(preset("tiny-llama"))
+    m.init_weights(0)
+    m.eval()
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 512, (2, 9), generator=g)
+    labels = torch.randint(0, 512, (2, 9), generator=g)
+    with torch.no_grad():
+        ours = token_logps(m, ids, labels)
+        theirs = trl_utils.selective_log_softmax(m(ids).float(), labels)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_logps(m, ids, labels), theirs.sum(-1), rtol=1e-5, atol=1e-4)
