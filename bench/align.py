@@ -1,4 +1,4 @@
-"""DPO on CPU: ember's training step vs TRL's DPOTrainer, same tiny HF model, data, batch and beta.
+"""DPO and GRPO on CPU: ember vs TRL's DPOTrainer and GRPOTrainer, same tiny HF model, data and settings.
 
     .venv/bin/python bench/align.py                     # Llama-shaped 4 x 256, vocab 2048 (trained BPE), 64 pairs
     .venv/bin/python bench/align.py --steps 20 --batch 8
@@ -10,6 +10,9 @@ pairs; its reported train_runtime (dataset preparation excluded) gives steps/s. 
 with a frozen reference copy through `Trainer.train_step`, the same number of steps, all timed. Each
 contender runs alone in a child process, which also reports its peak RSS (VmHWM); the two run one after
 the other, so a busy machine can tilt the ratio (rerun it).
+GRPO: 2 prompts x 4 completions of at most 24 tokens per step, a brevity reward, beta 0: TRL's GRPOTrainer
+generating with transformers vs ember's RolloutLoader (ember's own generate) + GRPOLoss; steps/s include
+the rollouts.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--embd", type=int, default=256)
-    p.add_argument("--only", choices=["ember", "trl"], default=None)
+    p.add_argument("--only", choices=["ember", "trl", "ember-grpo", "trl-grpo"], default=None)
+    p.add_argument("--grpo-steps", type=int, default=6)
     p.add_argument("--workdir", default=None)
     return p.parse_args(argv)
 
@@ -112,6 +116,59 @@ def run_ember(workdir: Path, a) -> float:
     return a.steps / (time.perf_counter() - t)
 
 
+def _brevity(prompts, completions):
+    return [max(0.0, 1.0 - len(c) / 64) for c in completions]
+
+
+def run_trl_grpo(workdir: Path, a) -> float:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(str(workdir / "tok"))
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(workdir / "hf", attn_implementation="sdpa")
+    prompts = [p["prompt"] for p in json.loads((workdir / "pairs.json").read_text())]
+    data = Dataset.from_list([{"prompt": p} for p in prompts])
+
+    def reward(completions, **kwargs):
+        return _brevity(None, completions)
+
+    args = GRPOConfig(output_dir=str(workdir / "trl_grpo"), per_device_train_batch_size=8, num_generations=4,
+                      max_completion_length=24, max_steps=a.grpo_steps, learning_rate=1e-5, beta=0.0,
+                      logging_steps=10 ** 6, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                      dataloader_num_workers=0, temperature=1.0)
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=data, processing_class=tok)
+    out = trainer.train()
+    return a.grpo_steps / out.metrics["train_runtime"]
+
+
+def run_ember_grpo(workdir: Path, a) -> float:
+    from ember.io.hf import read_hf_config, read_hf_weights
+    from ember.models.hf import config_from_hf, state_dict_from_hf
+    from ember.models.transformer import from_state_dict
+    from ember.tokenizer import Tokenizer
+    from ember.train.loop import TrainConfig, Trainer
+    from ember.train.loss import GRPOConfig, GRPOLoss
+    from ember.train.optim import build_optimizer, build_scheduler
+    from ember.train.rollouts import RolloutLoader
+
+    tok = Tokenizer.load(workdir / "tok")
+    cfg = config_from_hf(read_hf_config(workdir / "hf"))
+    policy = from_state_dict(cfg, state_dict_from_hf(read_hf_weights(workdir / "hf"), cfg, "llama")).train()
+    prompts = [p["prompt"] for p in json.loads((workdir / "pairs.json").read_text())]
+    loader = RolloutLoader(tok, prompts, [(_brevity, 1.0)], group_size=4, prompts_per_step=2, max_new_tokens=24)
+    loader.policy = policy
+    tc = TrainConfig(max_steps=10 ** 6, batch_size=8, lr=1e-5, min_lr=1e-6, warmup_steps=0, schedule="constant",
+                     weight_decay=0.0, grad_clip=1.0, eval_every=0, log_every=10 ** 9)
+    opt = build_optimizer(policy, tc.lr, tc.weight_decay)
+    tr = Trainer(policy, opt, build_scheduler(opt, tc), loader, None, tc, loss_fn=GRPOLoss(GRPOConfig(group_size=4)))
+    t = time.perf_counter()
+    for _ in range(a.grpo_steps):
+        tr.train_step()
+    return a.grpo_steps / (time.perf_counter() - t)
+
+
 def peak_rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -123,7 +180,7 @@ def main(argv=None) -> None:
     a = parse_args(argv)
     if a.only:
         wd = Path(a.workdir)
-        rate = run_ember(wd, a) if a.only == "ember" else run_trl(wd, a)
+        rate = {"ember": run_ember, "trl": run_trl, "ember-grpo": run_ember_grpo, "trl-grpo": run_trl_grpo}[a.only](wd, a)
         print(json.dumps({"steps_per_s": rate, "peak_rss_mb": peak_rss_mb()}))
         return
     print(machine_line())
@@ -132,17 +189,20 @@ def main(argv=None) -> None:
         make_assets(wd, a)
         print(f"model: Llama-shaped {a.layers} x {a.embd}, vocab 512; 64 pairs; batch {a.batch}; {a.steps} steps")
         res = {}
-        for who in ("trl", "ember"):  # each alone in a child: steps/s and its own peak RSS
+        for who in ("trl", "ember", "trl-grpo", "ember-grpo"):  # each alone in a child: steps/s, its peak RSS
             cmd = [sys.executable, __file__, "--only", who, "--workdir", str(wd), "--steps", str(a.steps),
-                   "--batch", str(a.batch), "--layers", str(a.layers), "--embd", str(a.embd)]
+                   "--batch", str(a.batch), "--layers", str(a.layers), "--embd", str(a.embd),
+                   "--grpo-steps", str(a.grpo_steps)]
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, timeout=1800)
             lines = [x for x in out.stdout.strip().splitlines() if x.startswith("{")]
             if not lines:
                 raise SystemExit(f"{who} failed:\n{out.stderr[-3000:]}")
             res[who] = json.loads(lines[-1])
-            print(f"  {who:6s} {res[who]['steps_per_s']:.2f} optimizer steps/s, peak RSS {res[who]['peak_rss_mb']:.0f} MiB")
+            print(f"  {who:10s} {res[who]['steps_per_s']:.2f} optimizer steps/s, peak RSS {res[who]['peak_rss_mb']:.0f} MiB")
         print(f"ratio ember/TRL DPO steps/s: {res['ember']['steps_per_s'] / res['trl']['steps_per_s']:.2f}x; "
               f"peak RSS {res['ember']['peak_rss_mb'] / res['trl']['peak_rss_mb']:.2f}x")
+        print(f"ratio ember/TRL GRPO (rollout of 2 prompts x 4 completions x 24 tokens + update) steps/s: "
+              f"{res['ember-grpo']['steps_per_s'] / res['trl-grpo']['steps_per_s']:.2f}x")
 
 
 if __name__ == "__main__":
