@@ -122,3 +122,16 @@ def test_ppo_mode_learns_and_exports_the_policy_only(rl, tmp_path):
     assert "value_loss" in json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     model, _ = load_checkpoint(run / "final")  # a plain policy: the value head stayed behind
     assert not hasattr(model, "value_head")
+
+
+@pytest.mark.slow
+def test_grpo_on_two_processes(rl, tmp_path, capsys):
+    """`ember grpo --nproc-per-node 2` (DDP, gloo): each rank rolls out its share of the prompts; the reward rises."""
+    root, base = rl
+    run = tmp_path / "two"
+    assert cli(_args(root, base, run, "--nproc-per-node", "2", "--parallel.data-parallel", "ddp",
+                     "--data.prompts-per-step", "1")) == 0
+    rewards = _metric(run, "reward")
+    assert len(rewards) == 30 and sum(rewards[-10:]) / 10 > sum(rewards[:5]) / 5
+    assert (run / "samples.rank0.jsonl").is_file() and (run / "samples.rank1.jsonl").is_file()
+    assert cli(_args(root, base, tmp_path / "f", "--nproc-per-node", "2")) != 0  # FSDP2 (the default): refused

@@ -12,7 +12,8 @@ to the reference, token- or sequence-level aggregation). Logs reward mean and st
 groups whose rewards are all equal (they teach nothing), KL, clip fraction and completion length. The
 loss itself stays near 0 by construction (zero-mean advantages; exactly 0 with sequence aggregation):
 watch the reward. Prompts: JSONL with a "prompt" string per line. Every rollout is appended to
-run_dir/samples.jsonl.
+run_dir/samples.jsonl. On several processes (`--nproc-per-node N --parallel.data-parallel ddp`) each rank
+rolls out its share of every step's prompts (samples.rankR.jsonl); FSDP2 and PPO run on one process.
 
 `--rl.algo ppo`: PPO with a value head on the policy's body (zero-initialised), per-token rewards (the
 score at the last token, -beta x the log-ratio to the reference on every token), GAE advantages
@@ -120,8 +121,14 @@ def _run(cfg: Config, dims) -> int:
     from ember.train.rollouts import RolloutLoader, load_reward_fn, reward_model_fn
     from ember.train.run import start_run
 
-    if dims.distributed:
-        raise EmberError("ember grpo runs on one process for now. HINT: drop --nproc-per-node")
+    from ember.parallel import resolve_data_parallel
+
+    if dims.distributed and cfg.rl.algo == "ppo":
+        raise EmberError("--rl.algo ppo runs on one process (its value head reads the body outside DDP's forward). "
+                         "HINT: drop --nproc-per-node, or use GRPO")
+    if dims.distributed and resolve_data_parallel(cfg.parallel, dims) == "fsdp":
+        raise EmberError("ember grpo generates with the policy on every rank: use --parallel.data-parallel ddp "
+                         "(FSDP2-sharded rollouts are not supported yet)")
     base, meta = load_checkpoint(cfg.checkpoint)
     tok = load_tokenizer(cfg.checkpoint, meta, None)
     mcfg = dataclasses.replace(base.cfg, dropout=0.0)
@@ -129,7 +136,7 @@ def _run(cfg: Config, dims) -> int:
     weights = cfg.reward_weights or [1.0] * len(fns)
     loader = RolloutLoader(tok, read_prompts(cfg.data.path), list(zip(fns, weights)), cfg.rl.group_size,
                            cfg.data.prompts_per_step, cfg.data.max_new_tokens, cfg.data.temperature,
-                           seed=cfg.train.seed, std_eps=cfg.rl.std_eps)
+                           seed=cfg.train.seed, std_eps=cfg.rl.std_eps, dp_rank=dims.dp_rank, dp_size=dims.dp_size)
     base_sd = base.state_dict()
     frozen = {"reference": (mcfg, base_sd)} if cfg.rl.beta and not cfg.lora.r else None
 
@@ -155,7 +162,7 @@ def _run(cfg: Config, dims) -> int:
         loader.prepare = loss_fn.prepare
     log("GRPO: the loss is no learning curve here: advantages are zero-mean within each group, so it stays near 0 "
         "(exactly 0 with --rl.aggregation sequence); learning shows in the reward column")
-    loader.samples_path = Path(cfg.run_dir) / "samples.jsonl"  # every rollout, for inspection
+    loader.samples_path = Path(cfg.run_dir) / (f"samples.rank{dims.rank}.jsonl" if dims.distributed else "samples.jsonl")
     summary = run.train()
     if summary["finished"]:
         _export(cfg, run, base_sd, tok_dir if tok_dir.is_dir() else None, {})

@@ -72,13 +72,14 @@ class RolloutLoader:
 
     def __init__(self, tok, prompts: list[str], rewards: list[tuple[RewardFn, float]], group_size: int,
                  prompts_per_step: int, max_new_tokens: int, temperature: float = 1.0, seed: int = 0,
-                 std_eps: float = 1e-4, max_prompt_tokens: int = 256):
+                 std_eps: float = 1e-4, max_prompt_tokens: int = 256, dp_rank: int = 0, dp_size: int = 1):
         if not prompts:
             raise EmberError("RL prompts: none. HINT: a JSONL file of {\"prompt\": ...} records")
         self.tok, self.prompts, self.rewards = tok, prompts, rewards
         self.G, self.per_step, self.max_new = group_size, prompts_per_step, max_new_tokens
         self.temperature, self.seed, self.std_eps = temperature, seed, std_eps
         self.max_prompt_tokens = max_prompt_tokens
+        self.dp_rank, self.dp_size = dp_rank, dp_size  # each rank rolls out its own share of the step's prompts
         self.policy: Optional[torch.nn.Module] = None  # set by the recipe once the model is built
         self.samples_path: Optional[Path] = None  # where each rollout is appended as JSONL (None: nowhere)
         self.prepare: Optional[Callable[[torch.nn.Module, dict], dict]] = None  # PPO: values, GAE at rollout time
@@ -86,15 +87,17 @@ class RolloutLoader:
         self.last_samples: list[tuple[str, str, float]] = []
 
     def _next_prompts(self) -> list[str]:
-        out = []
-        while len(out) < self.per_step:
+        """This rank's share of the step's prompts: the next per_step x dp_size of a seeded order (the same
+        on every rank), slice dp_rank."""
+        step_prompts, want = [], self.per_step * self.dp_size
+        while len(step_prompts) < want:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.prompts))
-            take = order[self.pos:self.pos + self.per_step - len(out)].tolist()
-            out += [self.prompts[i] for i in take]
+            take = order[self.pos:self.pos + want - len(step_prompts)].tolist()
+            step_prompts += [self.prompts[i] for i in take]
             self.pos += len(take)
             if self.pos >= len(order):
                 self.epoch, self.pos = self.epoch + 1, 0
-        return out
+        return step_prompts[self.dp_rank * self.per_step:(self.dp_rank + 1) * self.per_step]
 
     def next_batch(self) -> dict:
         from ember.infer.generate import generate
@@ -106,7 +109,7 @@ class RolloutLoader:
         prompt_ids = [self.tok.encode_chat([{"role": "user", "content": t}], add_generation_prompt=True)
                       [-self.max_prompt_tokens:] for t in texts]
         rows = [p for p in prompt_ids for _ in range(self.G)]
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step * 1009 + self.dp_rank)
         ends = sorted({i for i in (self.tok.eos_id, self.tok.token_to_id("<|im_end|>")) if i is not None})
         was_training = self.policy.training
         self.policy.eval()
@@ -155,10 +158,10 @@ class RolloutLoader:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "pos": self.pos, "seed": self.seed, "G": self.G,
-                "n": len(self.prompts)}
+                "n": len(self.prompts), "dp_size": self.dp_size}
 
     def load_state_dict(self, sd: dict) -> None:
-        for k in ("seed", "G", "n"):
+        for k in ("seed", "G", "n", "dp_size"):
             if sd.get(k) != self.state_dict()[k]:
                 raise EmberError(f"rollout state: {k} is {sd.get(k)!r} in the checkpoint but {self.state_dict()[k]!r} "
                                  "now. HINT: resume with the same prompts and group size")
