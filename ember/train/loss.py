@@ -204,12 +204,34 @@ class ClassifierLoss:
 
 
 # ------------------------------------------------------------------------------------ preferences
+def label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) log p(label_t) under logits (B, T, V) (in fp32; 0 where labels are -100)."""
+    picked = torch.gather(logits.float().log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * (labels != IGNORE_INDEX)
+
+
+def token_logps(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) log p(label_t | ids_<=t) (0 where labels are -100)."""
+    return label_logps(model(ids), labels)
+
+
 def sequence_logps(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(B,) sum over each row of log p(label_t | ids_<=t), labels -100 not counted (completion tokens only)."""
-    logits = model(ids).float()  # (B, T, V)
-    mask = labels != IGNORE_INDEX
-    picked = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return (picked * mask).sum(-1)
+    return token_logps(model, ids, labels).sum(-1)
+
+
+def reference_pass(model: torch.nn.Module, reference: Optional[torch.nn.Module], fn):
+    """fn(reference) without gradients; with no reference model, fn(model) with its LoRA adapters disabled
+    (the reference without a second copy in memory)."""
+    with torch.no_grad():
+        if reference is not None:
+            return fn(reference)
+        from ember.peft.lora import adapters_disabled, has_lora
+
+        if not has_lora(model):
+            raise ValueError("no reference model, and the policy has no LoRA adapters to disable for one")
+        with adapters_disabled(model):
+            return fn(model)
 
 
 def pair_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,16 +293,7 @@ class DPOLoss:
         return float(batch["chosen_ids"].shape[0])
 
     def reference_logps(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            if self.reference is not None:
-                return pair_logps(self.reference, batch)
-            from ember.peft.lora import adapters_disabled, has_lora
-
-            if not has_lora(model):
-                raise ValueError("DPO without a reference model needs LoRA adapters on the policy (the reference "
-                                 "is the policy with them disabled)")
-            with adapters_disabled(model):
-                return pair_logps(model, batch)
+        return reference_pass(model, self.reference, lambda m: pair_logps(m, batch))
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
         rc, rr = self.reference_logps(model, batch)
@@ -374,11 +387,12 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) 
     return adv.view(-1).to(rewards.dtype)
 
 
-def token_logps(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) log p(label_t | ids_<=t) (0 where labels are -100)."""
-    logits = model(ids).float()
-    picked = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked * (labels != IGNORE_INDEX)
+def clipped_objective(ratio: torch.Tensor, adv: torch.Tensor, eps: float, mask: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token loss -min(ratio A, clip(ratio) A), the fraction of tokens where the clip binds)."""
+    loss = -torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
+    clipped = (((ratio < 1 - eps) & (adv < 0)) | ((ratio > 1 + eps) & (adv > 0))).float() * mask
+    return loss, (clipped.sum() / mask.sum().clamp(min=1)).detach()
 
 
 class GRPOLoss:
@@ -406,36 +420,30 @@ class GRPOLoss:
         old = batch.get("old_logps")
         old = logp.detach() if old is None else old
         ratio = torch.exp(logp - old)
-        a = adv.to(logp.dtype).unsqueeze(1)  # (B, 1)
-        eps = self.cfg.epsilon
-        obj = torch.minimum(ratio * a, ratio.clamp(1 - eps, 1 + eps) * a)
-        per_token = -obj
+        per_token, clip_fraction = clipped_objective(ratio, adv.to(logp.dtype).unsqueeze(1), self.cfg.epsilon, mask)
         kl = torch.zeros_like(logp)
         if self.cfg.beta:
-            with torch.no_grad():
-                if self.reference is not None:
-                    ref = token_logps(self.reference, ids, labels)
-                else:
-                    from ember.peft.lora import adapters_disabled
-
-                    with adapters_disabled(model):
-                        ref = token_logps(model, ids, labels)
+            ref = reference_pass(model, self.reference, lambda m: token_logps(m, ids, labels))
             kl = torch.exp(ref - logp) - (ref - logp) - 1  # k3: unbiased, >= 0
             per_token = per_token + self.cfg.beta * kl
         n_tok = mask.sum(1).clamp(min=1)  # (B,)
-        if self.cfg.aggregation == "sequence":
-            loss = ((per_token * mask).sum(1) / n_tok).sum()
-        else:
-            loss = (per_token * mask).sum()
         w = self.weight(batch)
-        clipped = (((ratio < 1 - eps) & (a < 0)) | ((ratio > 1 + eps) & (a > 0))).float() * mask
-        # per-step means whatever the units: each metric is its mean times the batch's weight
-        metrics = {"kl": ((kl * mask).sum(1) / n_tok).mean().detach() * w,
-                   "clip_fraction": (clipped.sum() / mask.sum().clamp(min=1)).detach() * w}
+        metrics = {"kl": ((kl * mask).sum(1) / n_tok).mean().detach() * w, "clip_fraction": clip_fraction * w}
+        return LossOutput(self._aggregate(per_token, mask), w, self._stats(batch, w, metrics))
+
+    def _aggregate(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The loss summed over tokens, or over completions of their token means (aggregation)."""
+        if self.cfg.aggregation == "sequence":
+            return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()
+        return (per_token * mask).sum()
+
+    @staticmethod
+    def _stats(batch: dict, w: float, metrics: dict) -> dict:
+        """Per-step means whatever the units: each metric is its mean times the batch's weight."""
         for k in ("reward", "reward_std", "zero_std_groups", "completion_length"):
             if k in batch:
                 metrics[k] = batch[k].float().mean() * w
-        return LossOutput(loss, w, metrics)
+        return metrics
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
@@ -476,16 +484,10 @@ class PPOLoss(GRPOLoss):
         mask = (labels != IGNORE_INDEX).float()
         with torch.no_grad():
             logits, values = values_of(model, ids)
-            logp = torch.gather(logits.float().log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+            logp = label_logps(logits, labels)
             rewards = torch.zeros_like(logp)
             if self.cfg.beta:
-                if self.reference is not None:
-                    ref = token_logps(self.reference, ids, labels)
-                else:
-                    from ember.peft.lora import adapters_disabled
-
-                    with adapters_disabled(model):
-                        ref = token_logps(model, ids, labels)
+                ref = reference_pass(model, self.reference, lambda m: token_logps(m, ids, labels))
                 rewards = -self.cfg.beta * (logp - ref) * mask
             last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)  # each row's last token
             rewards[torch.arange(len(last)), last] += batch["reward"].to(rewards.dtype)
@@ -500,21 +502,12 @@ class PPOLoss(GRPOLoss):
         ids, labels = batch["input_ids"], batch["labels"]
         mask = (labels != IGNORE_INDEX).float()
         logits, values = values_of(model, ids)
-        logp = torch.gather(logits.float().log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-        ratio = torch.exp(logp - batch["old_logps"])
-        a, eps = batch["advantages"], self.cfg.epsilon
-        pg = -torch.minimum(ratio * a, ratio.clamp(1 - eps, 1 + eps) * a)
+        ratio = torch.exp(label_logps(logits, labels) - batch["old_logps"])
+        pg, clip_fraction = clipped_objective(ratio, batch["advantages"], self.cfg.epsilon, mask)
         old_v, ret, cv = batch["old_values"], batch["returns"], self.cfg.cliprange_value
         v_clip = old_v + (values - old_v).clamp(-cv, cv)
         vf = 0.5 * torch.maximum((values - ret) ** 2, (v_clip - ret) ** 2)
-        per_token = (pg + self.cfg.vf_coef * vf) * mask
         w = self.weight(batch)
-        n_tok = mask.sum(1).clamp(min=1)
-        loss = (per_token.sum(1) / n_tok).sum() if self.cfg.aggregation == "sequence" else per_token.sum()
-        clipped = (((ratio < 1 - eps) & (a < 0)) | ((ratio > 1 + eps) & (a > 0))).float() * mask
         metrics = {"value_loss": ((vf * mask).sum() / mask.sum().clamp(min=1)).detach() * w,
-                   "clip_fraction": (clipped.sum() / mask.sum().clamp(min=1)).detach() * w}
-        for k in ("reward", "reward_std", "completion_length"):
-            if k in batch:
-                metrics[k] = batch[k].float().mean() * w
-        return LossOutput(loss, w, metrics)
+                   "clip_fraction": clip_fraction * w}
+        return LossOutput(self._aggregate(pg + self.cfg.vf_coef * vf, mask), w, self._stats(batch, w, metrics))
