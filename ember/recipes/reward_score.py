@@ -5,7 +5,8 @@
 
 The prompt is rendered with the model's chat template as a user turn and the completion as the
 assistant's reply (exactly as `ember reward train` renders its pairs); the score is the head's output at
-the last real token. Prints one score per pair (or JSON with --json).
+the last real token (ember.train.rollouts.reward_model_fn, which `ember grpo --reward-model` uses too).
+Prints one score per pair (or JSON with --json).
 """
 
 from __future__ import annotations
@@ -38,14 +39,7 @@ class Config:
 
 
 def main(cfg: Config) -> int:
-    import torch
-
-    from ember.data.cls import cls_batch
-    from ember.data.sft import chat_example
-    from ember.infer.api import load_tokenizer
-    from ember.io.checkpoint import load_checkpoint
-    from ember.parallel import resolve_device
-    from ember.train.loss import RewardLoss
+    from ember.train.rollouts import reward_model_fn
 
     pairs = []
     if cfg.prompt is not None or cfg.completion is not None:
@@ -66,17 +60,7 @@ def main(cfg: Config) -> int:
                 raise EmberError(f"{path}:{n}: expected a JSON object with 'prompt' and 'completion'") from None
     if not cfg.checkpoint or not pairs:
         raise EmberError("--checkpoint and --prompt/--completion (or --input FILE) are required")
-    model, meta = load_checkpoint(cfg.checkpoint, device=resolve_device(cfg.device), kinds=("reward",))
-    tok = load_tokenizer(cfg.checkpoint, meta, None)
-    max_len = meta.get("extra", {}).get("max_length", model.cfg.block_size)
-    ids = [chat_example(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": c}])[0][:max_len]
-           for p, c in pairs]
-    pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
-    scores = []
-    with torch.no_grad():
-        for i in range(0, len(ids), 16):
-            b = cls_batch([(x, 0) for x in ids[i:i + 16]], pad)
-            scores += RewardLoss.rewards(model.eval(), b["input_ids"], b["last"]).tolist()
+    scores = reward_model_fn(cfg.checkpoint, cfg.device)([p for p, _ in pairs], [c for _, c in pairs])
     for (p, c), s in zip(pairs, scores):
         print(json.dumps({"prompt": p, "completion": c, "score": s}, ensure_ascii=False) if cfg.json else f"{s:.4f}")
     sys.stdout.flush()

@@ -46,24 +46,32 @@ def load_reward_fn(spec: str) -> RewardFn:
     return fn
 
 
-def reward_model_fn(checkpoint: str) -> RewardFn:
-    """A reward model checkpoint (head kind "reward") as a reward function."""
+def reward_model_fn(checkpoint: str, device: str = "cpu", batch_size: int = 16) -> RewardFn:
+    """A reward model checkpoint (head kind "reward") as a reward function: each prompt a user turn, each
+    completion the assistant's reply (as `ember reward train` renders its pairs), truncated to the
+    length it was trained on, scored at the last real token, `batch_size` at a time."""
     from ember.data.cls import cls_batch
     from ember.data.sft import chat_example
     from ember.infer.api import load_tokenizer
     from ember.io.checkpoint import load_checkpoint
+    from ember.parallel import resolve_device
     from ember.train.loss import RewardLoss
 
-    model, meta = load_checkpoint(checkpoint, kinds=("reward",))
+    model, meta = load_checkpoint(checkpoint, device=resolve_device(device), kinds=("reward",))
+    model.eval()
     tok = load_tokenizer(checkpoint, meta, None)
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    max_len = meta.get("extra", {}).get("max_length", model.cfg.block_size)
 
     def score(prompts: list[str], completions: list[str]) -> list[float]:
-        ids = [chat_example(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": c}])[0]
+        ids = [chat_example(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": c}])[0][:max_len]
                for p, c in zip(prompts, completions)]
-        b = cls_batch([(x, 0) for x in ids], pad)
+        out: list[float] = []
         with torch.no_grad():
-            return RewardLoss.rewards(model, b["input_ids"], b["last"]).tolist()
+            for i in range(0, len(ids), batch_size):
+                b = cls_batch([(x, 0) for x in ids[i:i + batch_size]], pad)
+                out += RewardLoss.rewards(model, b["input_ids"], b["last"]).tolist()
+        return out
     return score
 
 
