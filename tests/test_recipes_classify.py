@@ -115,3 +115,13 @@ def test_classify_bad_inputs(base, tmp_path, capsys):
     assert cli(args + ["--data.path", str(base / "msgs.csv"), "--train.layers", "some"]) == 2
     assert cli(["classify", "predict", "--checkpoint", str(base / "base"), "--text", "x"]) == 1
     assert "holds a lm head, expected classifier" in capsys.readouterr().err
+
+
+def test_classify_eval_all_split_scores_every_record(base, tmp_path):
+    run = tmp_path / "run"
+    assert cli(["classify", "train", "--checkpoint", str(base / "base"), "--data.path", str(base / "msgs.csv"),
+                "--run-dir", str(run), "--train.max-steps", "2", "--train.batch-size", "8", "--train.eval-every", "0",
+                "--train.save-every", "0", "--device", "cpu"]) == 0
+    assert cli(["classify", "eval", "--checkpoint", str(run / "final"), "--split", "all"]) == 0
+    rep = json.loads((run / "final" / "eval-all" / "report.json").read_text())
+    assert rep["examples"] == 120 and sum(map(sum, rep["confusion"])) == 120

@@ -40,7 +40,7 @@ class Config:
 def main(cfg: Config) -> int:
     import dataclasses
 
-    from ember.data.cls import ClsDataConfig, ClsLoader, encode, read_labelled
+    from ember.data.cls import ClsDataConfig, ClsLoader
     from ember.eval.classification import confusion, plot_confusion, predict, report
     from ember.fileio import atomic_write_text, check_writable
     from ember.infer.api import load_tokenizer
@@ -60,15 +60,7 @@ def main(cfg: Config) -> int:
         raise EmberError(f"{cfg.checkpoint}: records no training data settings. HINT: pass --data-path FILE")
     data = dataclasses.replace(ClsDataConfig(**saved) if saved else ClsDataConfig(),
                                **({"path": cfg.data_path} if cfg.data_path else {}))
-    if cfg.split == "all":
-        recs = read_labelled(data.path, data.text_field, data.label_field)
-        index = {n: i for i, n in enumerate(names)}
-        unknown = sorted({str(lab) for _, lab in recs} - set(index))
-        if unknown:
-            raise EmberError(f"{data.path}: labels {unknown[:5]} are not among the classifier's classes {names}")
-        examples = encode(tok, [(t, index[str(lab)]) for t, lab in recs], data.max_length)
-    else:
-        examples = load_splits(data, tok, names)[1][cfg.split]
+    examples = load_splits(data, tok, names, which=(cfg.split,))[1][cfg.split]
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
     labels, probs = predict(model, ClsLoader(examples, cfg.batch_size, pad).iter_eval())
     cm = confusion(labels, probs.argmax(-1), len(names))

@@ -64,8 +64,9 @@ def main(cfg: Config) -> int:
     return launch(cfg, "classify train", _run)
 
 
-def load_splits(data: ClsDataConfig, tok, names=None):
-    """(class names, {"train", "val", "test": [(ids, class)]}) of a data config (the same split every time)."""
+def load_splits(data: ClsDataConfig, tok, names=None, which: tuple = ("train", "val", "test")):
+    """(class names, {split: [(ids, class)]}) of a data config (the same split every time); `which` may also
+    name "all": every record in file order."""
     from ember.data.cls import encode, label_names, read_labelled, split_labelled
 
     records = read_labelled(data.path, data.text_field, data.label_field)
@@ -74,7 +75,9 @@ def load_splits(data: ClsDataConfig, tok, names=None):
     if unknown:
         raise EmberError(f"{data.path}: labels {unknown[:5]} are not among the classifier's classes {names}")
     splits = split_labelled(records, names, data)
-    return names, {k: encode(tok, v, data.max_length) for k, v in splits.items()}
+    index = {n: i for i, n in enumerate(names)}
+    splits["all"] = [(t, index[str(lab)]) for t, lab in records]
+    return names, {k: encode(tok, splits[k], data.max_length) for k in which}
 
 
 def _freeze(model, layers: str) -> None:
