@@ -123,6 +123,14 @@ def test_qlora_merge_writes_a_parity_report(base, tmp_path, capsys):
     assert into_fp32["max_abs_dlogit_vs_qlora"] > 10 * into_dq["max_abs_dlogit_vs_qlora"]
     model, meta = load_checkpoint(run / "final")
     assert meta["extra"]["base_quant"] == "nf4"
+    # the same run without --merge: its adapter checkpoint loads onto the NF4-round-tripped base it saw
+    unmerged = tmp_path / "q2"
+    assert cli(args(base, unmerged, "--lora.r", "4", "--lora.targets", "all-linear", "--quant", "nf4")) == 0
+    adapted, meta2 = load_checkpoint(unmerged / "final")
+    assert "adapter" in meta2
+    x = torch.randint(0, 300, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(x), model(x), rtol=1e-4, atol=1e-4)
     assert cli(["finetune", "--checkpoint", str(base / "base"), "--data.path", str(base / "data.jsonl"),
                 "--quant", "nf4"]) == 1
     assert "quantizes the frozen base of a LoRA run" in capsys.readouterr().err

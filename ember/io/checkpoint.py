@@ -279,12 +279,9 @@ def _load_with_adapter(d: Path, meta: dict, cfg: ModelConfig, device, dtype) -> 
         raise CheckpointError(f"{d / META}: the base checkpoint {base} no longer has the model the adapter was "
                               "trained on. HINT: use the original base checkpoint")
     if meta.get("extra", {}).get("base_quant") == "nf4":  # trained against the NF4 base: use what it saw
-        from ember.peft.qlora import nf4_round_trip
+        from ember.peft.qlora import dequantized_base
 
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.startswith("layers.") and name.endswith(".weight") and p.dim() == 2:
-                    p.copy_(nf4_round_trip(p).to(p.dtype))
+        model.load_state_dict(dequantized_base(model.state_dict()))
     load_adapter(model, cfg, d / meta["adapter"].get("dir", ADAPTER))
     return model.eval(), meta
 

@@ -100,3 +100,9 @@ def nf4_bytes(model: nn.Module) -> tuple[int, int]:
             params += p.numel()
     return total, params
 
+
+def dequantized_base(state_dict: dict) -> dict:
+    """A full-precision state dict as a QLoRA run sees it: every block linear's weight (the 2-D `layers.*`
+    weights, what `quantize_base_nf4` quantizes) NF4 round-tripped, everything else as it is."""
+    return {k: nf4_round_trip(v).to(v.dtype) if k.startswith("layers.") and k.endswith(".weight") and v.dim() == 2
+            else v for k, v in state_dict.items()}

@@ -172,10 +172,9 @@ def _trained_base(base_sd: dict, quant: str) -> dict:
     """The base weights the adapter was trained against: NF4 round-tripped block linears under QLoRA."""
     if quant != "nf4":
         return base_sd
-    from ember.peft.qlora import nf4_round_trip
+    from ember.peft.qlora import dequantized_base
 
-    return {k: nf4_round_trip(v) if k.startswith("layers.") and k.endswith(".weight") and v.dim() == 2 else v
-            for k, v in base_sd.items()}
+    return dequantized_base(base_sd)
 
 
 def _qlora_model(mcfg, base_sd: dict, adapted, cfg: Config):
