@@ -61,7 +61,7 @@ def main(cfg: Config) -> int:
     data = dataclasses.replace(ClsDataConfig(**saved) if saved else ClsDataConfig(),
                                **({"path": cfg.data_path} if cfg.data_path else {}))
     examples = load_splits(data, tok, names, which=(cfg.split,))[1][cfg.split]
-    pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    pad = tok.fill_id
     labels, probs = predict(model, ClsLoader(examples, cfg.batch_size, pad).iter_eval())
     cm = confusion(labels, probs.argmax(-1), len(names))
     rep = report(cm, names) | {"split": cfg.split, "examples": len(examples), "data": data.path}

@@ -54,7 +54,7 @@ def main(cfg: Config) -> int:
     names = meta["head"].get("labels") or [str(i) for i in range(meta["head"]["num_classes"])]
     max_len = (meta.get("extra", {}).get("data") or {}).get("max_length", model.cfg.block_size)
     examples = encode(tok, [(t, 0) for t in texts], min(max_len, model.cfg.block_size))
-    pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    pad = tok.fill_id
     _, probs = predict(model, ClsLoader(examples, 32, pad).iter_eval())
     for text, p in zip(texts, probs):
         k = int(p.argmax())

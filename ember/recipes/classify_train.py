@@ -110,7 +110,7 @@ def _run(cfg: Config, dims) -> int:
     tok = load_tokenizer(cfg.checkpoint, meta, None)
     names, splits = load_splits(cfg.data, tok)
     log(f"classes {names}: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test")
-    pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    pad = tok.fill_id
     kw = dict(pad_id=pad, seed=cfg.data.seed, dp_rank=dims.dp_rank, dp_size=dims.dp_size)
     train = ClsLoader(splits["train"], cfg.train.batch_size, **kw)
     val = ClsLoader(splits["val"], cfg.train.batch_size, **kw) if splits["val"] else None

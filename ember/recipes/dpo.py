@@ -104,7 +104,7 @@ def _run(cfg: Config, dims) -> int:
     train, val = split_examples(pairs, cfg.data)
     log(f"data: {stats.records} records -> {len(train)} train / {len(val)} val pairs ({stats.bad_records} bad "
         f"skipped, {stats.all_masked} without a completion skipped, {stats.truncated} truncated)")
-    pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    pad = tok.fill_id
     kw = dict(pad_id=pad, seed=cfg.data.seed, dp_rank=dims.dp_rank, dp_size=dims.dp_size)
     train_loader = PairLoader(train, cfg.train.batch_size, **kw)
     val_loader = PairLoader(val, cfg.train.batch_size, **kw) if val else None

@@ -75,7 +75,7 @@ def _data(cfg: Config, tok, dims):
     log(f"data: {stats.records} records -> {len(train)} train / {len(val)} val examples "
         f"({stats.bad_records} bad records skipped, {stats.all_masked} with nothing to learn skipped, "
         f"{stats.truncated} truncated, {stats.dropped_long} too long dropped)")
-    pad = tok.pad_id if tok.pad_id is not None else tok.eos_id  # padding is masked by position, never by id
+    pad = tok.fill_id
     kw = dict(pad_id=pad, max_length=cfg.data.max_length, dp_rank=dims.dp_rank, dp_size=dims.dp_size)
     train_loader = SFTLoader(train, cfg.train.batch_size, pack=cfg.data.pack, seed=cfg.data.seed, **kw)
     val_loader = SFTLoader(val, cfg.train.batch_size, seed=cfg.data.seed, **kw) if val else None

@@ -70,6 +70,12 @@ class Tokenizer:
         return self._id_of("pad_token")
 
     @property
+    def fill_id(self) -> int:
+        """The id batches are padded with: the pad token, else EOS (padding is always masked by position,
+        so which id fills it never matters to the loss)."""
+        return self.pad_id if self.pad_id is not None else self.eos_id
+
+    @property
     def bos_id(self) -> int | None:
         return self._id_of("bos_token")
 

@@ -60,7 +60,7 @@ def reward_model_fn(checkpoint: str, device: str = "cpu", batch_size: int = 16) 
     model, meta = load_checkpoint(checkpoint, device=resolve_device(device), kinds=("reward",))
     model.eval()
     tok = load_tokenizer(checkpoint, meta, None)
-    pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    pad = tok.fill_id
     max_len = meta.get("extra", {}).get("max_length", model.cfg.block_size)
 
     def score(prompts: list[str], completions: list[str]) -> list[float]:
