@@ -38,9 +38,9 @@ import torch
 
 from ember.data.examples import ExampleLoader
 from ember.errors import EmberError
+from ember.tokenizer.chat import end_of_turn_ids
 
 IGNORE = -100
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 
 @dataclass
@@ -176,8 +176,7 @@ def check_turns(msgs: list) -> None:
 
 # ------------------------------------------------------------------------------------ tokens
 def _end_ids(tok) -> set[int]:
-    ids = {tok.token_to_id(t) for t in END_OF_TURN} | {tok.eos_id}
-    return {i for i in ids if i is not None}
+    return set(end_of_turn_ids(tok))
 
 
 def chat_example(tok, msgs: list[dict], train_on_prompt: bool = False) -> tuple[list[int], list[int]]:

@@ -20,15 +20,13 @@ import torch
 import tyro
 
 from ember.errors import EmberError
-from ember.infer import api
 from ember.infer.generate import generate_iter
 from ember.infer.sample import SamplingParams
 from ember.infer.text import TextStream
 from ember.log import log
 from ember.recipes.sampling import SamplingFlags
+from ember.tokenizer.chat import END_OF_TURN, NEW_TURN, end_of_turn_ids
 
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
-NEW_TURN = ("<|im_start|>", "<|start_header_id|>")  # the model starting a new turn also ends its reply
 HELP = "commands: /exit, /reset, /system TEXT  (Ctrl-C stops a reply, Ctrl-D exits)"
 
 
@@ -73,8 +71,7 @@ def fit_history(tok: Any, system: Optional[str], history: list[dict], budget: in
 
 
 def stop_ids(tok: Any) -> list[int]:
-    ids = [tok.token_to_id(t) for t in END_OF_TURN]
-    return sorted({i for i in ids if i is not None} | ({api.eos_id(tok)} - {None}))
+    return end_of_turn_ids(tok)
 
 
 def reply(model: torch.nn.Module, tok: Any, ids: list[int], cfg: Config, params: SamplingParams,

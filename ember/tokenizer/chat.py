@@ -21,6 +21,21 @@ from ember.errors import EmberError
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
+# Tokens that end an assistant turn in the common templates (ChatML, Llama 3, Phi, Gemma), and the
+# ones that start a new turn (a model that begins one has finished its reply).
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+NEW_TURN = ("<|im_start|>", "<|start_header_id|>")
+
+
+def end_of_turn_ids(tok) -> list[int]:
+    """The ids of the tokenizer's end-of-turn tokens and its EOS (the ids a chat reply stops at)."""
+    ids = {tok.token_to_id(t) for t in END_OF_TURN}
+    try:
+        ids.add(tok.eos_id)
+    except EmberError:
+        pass
+    return sorted(i for i in ids if i is not None)
+
 # The same template, as Jinja, written into tokenizer_config.json for transformers.
 CHATML_JINJA = (
     "{% for message in messages %}"
