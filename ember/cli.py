@@ -20,6 +20,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("classify", "predict"): ("ember.recipes.classify_predict", "label texts with a classifier checkpoint"),
     ("generate",): ("ember.recipes.generate", "generate text from a checkpoint"),
     ("chat",): ("ember.recipes.chat", "chat with a checkpoint interactively"),
+    ("serve",): ("ember.recipes.serve", "serve a checkpoint over an OpenAI-compatible HTTP API"),
     ("convert",): ("ember.recipes.convert", "convert checkpoints to/from Hugging Face format"),
     ("reward", "train"): ("ember.recipes.reward_train", "train a reward model on preference pairs"),
     ("reward", "score"): ("ember.recipes.reward_score", "score prompt + completion pairs with a reward model"),

@@ -529,7 +529,11 @@ class Engine:
         req.prompt_logprobs[p] = lp
 
     def _logprobs(self, row: torch.Tensor, token: int, top: Optional[int]) -> TokenLogprob:
-        logp = torch.log_softmax(row.float(), dim=-1)
+        """Log-probabilities over the tokenizer's vocabulary (padded embedding rows excluded)."""
+        row = row.float()
+        if self.vocab_limit is not None and self.vocab_limit < row.shape[-1]:
+            row = row[: self.vocab_limit]
+        logp = torch.log_softmax(row, dim=-1)
         out = TokenLogprob(token, float(logp[token]))
         if top:
             v, i = torch.topk(logp, top)
@@ -545,6 +549,7 @@ class Engine:
         if p.max_tokens == 0:  # prompt logprobs only
             for t in req.seqs:
                 self._finish(t, "length")
+                deltas[(req.id, t.index)] = SeqDelta(req.id, t.index, [], "", [], True, "length")
             return
         targets = [s]
         if s.index == 0 and not s.output and len(req.seqs) > 1:
