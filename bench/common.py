@@ -88,3 +88,23 @@ def machine_line() -> str:
     cap = torch.backends.cpu.get_cpu_capability()
     return (f"torch {torch.__version__}, {platform.processor() or platform.machine()}, cpu capability {cap}, "
             f"threads {torch.get_num_threads()}")
+
+
+def hf_from_checkpoint(path: str):
+    """(HF model with an ember checkpoint's weights, HF model type): the reference for real weights."""
+    import transformers
+
+    from ember.io.checkpoint import load_checkpoint
+    from ember.models import hf as hfconv
+
+    model, _ = load_checkpoint(path)
+    model_type = hfconv.hf_model_type(model.cfg)
+    hf_cfg = hfconv.config_to_hf(model.cfg, model_type)
+    cls = transformers.GPT2LMHeadModel if model_type == "gpt2" else transformers.LlamaForCausalLM
+    config_cls = transformers.GPT2Config if model_type == "gpt2" else transformers.LlamaConfig
+    hf = cls(config_cls(**hf_cfg)).float().eval()
+    missing, unexpected = hf.load_state_dict(hfconv.state_dict_to_hf(model.state_dict(), model.cfg, model_type),
+                                             strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
+    hf.tie_weights()
+    return hf, model_type

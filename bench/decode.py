@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import machine_line, measure_memory_bandwidth, median, time_interleaved  # noqa: E402
+from bench.common import hf_from_checkpoint, machine_line, measure_memory_bandwidth, median, time_interleaved  # noqa: E402
 from ember.infer.generate import PACK_MAX_BATCH, Batch, compiled_decode_step, decode_step, generate  # noqa: E402
 from ember.infer.sample import SamplingParams  # noqa: E402
 from ember.models import Transformer, from_state_dict  # noqa: E402
@@ -47,25 +47,6 @@ def build_hf(name: str):
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, max_position_embeddings=2048, rope_theta=100000.0, tie_word_embeddings=True)
     return transformers.LlamaForCausalLM(cfg).eval(), "llama"
-
-
-def hf_from_checkpoint(path: str):
-    """(HF model with an ember checkpoint's weights, HF model type): the reference for real weights."""
-    import transformers
-
-    from ember.io.checkpoint import load_checkpoint
-
-    model, _ = load_checkpoint(path)
-    model_type = hfconv.hf_model_type(model.cfg)
-    hf_cfg = hfconv.config_to_hf(model.cfg, model_type)
-    cls = transformers.GPT2LMHeadModel if model_type == "gpt2" else transformers.LlamaForCausalLM
-    config_cls = transformers.GPT2Config if model_type == "gpt2" else transformers.LlamaConfig
-    hf = cls(config_cls(**hf_cfg)).float().eval()
-    missing, unexpected = hf.load_state_dict(hfconv.state_dict_to_hf(model.state_dict(), model.cfg, model_type),
-                                             strict=False)
-    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
-    hf.tie_weights()
-    return hf, model_type
 
 
 def to_ember(hf, model_type: str) -> Transformer:

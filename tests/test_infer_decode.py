@@ -1,7 +1,5 @@
 """infer/decode: the decode layout, the split GEMV and the batch-1 block step give the same results as the plain model."""
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +7,7 @@ import torch.nn.functional as F
 from ember.infer.generate import generate
 from ember.infer.sample import SamplingParams
 from ember.models import Transformer, preset
-from ember.infer.decode import fused_views, fused_weight, is_packed, pack_for_decode, split_linear, unpack
+from ember.infer.decode import fused_weight, is_packed, pack_for_decode, split_linear, unpack
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -62,15 +60,22 @@ def test_packed_model_keeps_values_and_logits(name, two_threads):
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
-def test_generation_packed_and_split_equals_plain(name, two_threads):
-    plain, packed = _model(name), _model(name)
-    prompts = [torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 12)]
-    want = generate(plain, prompts, 12, GREEDY, pack=False)
-    torch.set_num_threads(1)  # reference without the split GEMV as well
-    assert generate(plain, prompts, 12, GREEDY, pack=False) == want
-    torch.set_num_threads(2)
-    assert generate(packed, prompts, 12, GREEDY) == want
-    assert is_packed(packed)
+def test_packed_engine_equals_the_uncached_model(name, two_threads):
+    """One prompt: the engine packs the weights and decodes through the BlockDecoders; its logprobs equal
+    the plain model's full forward."""
+    from ember.infer.engine import Engine, EngineConfig, RequestParams
+
+    m = _model(name)
+    prompt = torch.randint(0, 512, (7,), generator=torch.Generator().manual_seed(7)).tolist()
+    eng = Engine(m, EngineConfig(block_size=8, num_blocks=8, max_num_seqs=1, batch_invariant=False))
+    assert is_packed(m) and eng.decoders is not None
+    s = eng.generate([prompt], RequestParams(max_tokens=12, temperature=0, logprobs=0))[0].seqs[0]
+    unpack(m)
+    with torch.inference_mode():
+        logp = F.log_softmax(m(torch.tensor([prompt + s.output]))[0], dim=-1)
+    want = logp[len(prompt) - 1: -1].gather(1, torch.tensor(s.output).view(-1, 1)).view(-1)
+    torch.testing.assert_close(torch.tensor([lp.logprob for lp in s.logprobs]), want, rtol=0, atol=1e-5)
+    assert s.output == [int(r.argmax()) for r in logp[len(prompt) - 1: -1]]
 
 
 def test_packed_model_trains_with_the_same_gradients():
@@ -101,73 +106,42 @@ def test_loading_weights_into_a_packed_model_updates_the_fused_path():
         torch.testing.assert_close(m(tokens), src(tokens), rtol=1e-5, atol=1e-5)
 
 
-def test_generate_packs_small_batches_and_unpacks_larger_ones(two_threads):
+def test_generate_packs_one_or_two_prompts_and_unpacks_for_more(two_threads):
     plain, m = _model("tiny-llama"), _model("tiny-llama")
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
-    assert generate(m, prompts[:1], 5, GREEDY) == generate(plain, prompts[:1], 5, GREEDY, pack=False)
+    from ember.infer.engine import Engine, EngineConfig, RequestParams
+
+    ref = Engine(plain, EngineConfig(block_size=8, num_blocks=16, batch_invariant=False))
+    want = [r.seqs[0].output for r in ref.generate(prompts, RequestParams(max_tokens=5, temperature=0))]
+    assert not is_packed(plain)
+    assert generate(m, prompts[:1], 5, GREEDY) == want[:1]
     assert is_packed(m)
-    assert generate(m, prompts, 5, GREEDY) == generate(plain, prompts, 5, GREEDY, pack=False)
+    assert generate(m, prompts, 5, GREEDY) == want
     assert not is_packed(m) and all(p.is_contiguous() for p in m.parameters())
-
-
-def test_fused_views_hold_the_group_views_only_inside_the_block(two_threads):
-    m = _model("tiny-llama")
-    attn, ffn = m.layers["0"].attention, m.layers["0"].feed_forward
-    from ember.models.layers import Attention, SwiGLU
-
-    with fused_views(m) as n:
-        assert n == 0 and attn._fused is None  # not packed: nothing to hold
-    pack_for_decode(m)
-    tokens = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        ref = m(tokens[:, -1:])
-        with fused_views(m) as n:
-            assert n == 2 * m.cfg.n_layer
-            weight, _ = attn._fused
-            assert weight.shape == (attn.wq.out_features + 2 * attn.wk.out_features, m.cfg.n_embd)
-            assert weight.data_ptr() == attn.wq.weight.data_ptr() and ffn._fused is not None
-            torch.testing.assert_close(m(tokens[:, -1:]), ref, rtol=1e-5, atol=1e-5)
-    # dropped on exit: the model's own plain classes again
-    assert type(attn) is Attention and type(ffn) is SwiGLU and "_fused" not in vars(attn)
-    assert all(type(mod) is torch.nn.Linear for mod in m.modules() if isinstance(mod, torch.nn.Linear))
 
 
 @pytest.mark.parametrize("name,over", [("tiny", {}), ("tiny-llama", {}), ("tiny-llama", dict(n_kv_head=1, bias=True))])
 def test_block_decoder_steps_match_the_modules(name, over, two_threads, monkeypatch):
-    """Batch-1 decode steps through layers.BlockDecoder (inside fused_views) == through the modules."""
-    from ember.models import preset
-    from ember.models.kv_cache import clear_caches, setup_caches
+    """Batch-1 decode steps through decode.BlockDecoder (the engine's packed path) == through the modules
+    (the same engine, row-major, batch of 4 rows)."""
     from ember.infer.decode import BlockDecoder
-    from ember.infer.generate import decode_step
-    from ember.models.layers import Block
+    from ember.infer.engine import Engine, EngineConfig, RequestParams
 
-    m = Transformer(preset(name, **over))
-    m.init_weights(0)
-    m.eval()
-    pack_for_decode(m)
-    x = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(5))
+    def run(pack: bool):
+        m = Transformer(preset(name, **over))
+        m.init_weights(0)
+        eng = Engine(m, EngineConfig(block_size=8, num_blocks=8, max_num_seqs=1, batch_invariant=False, pack=pack))
+        x = torch.randint(0, 512, (5,), generator=torch.Generator().manual_seed(5)).tolist()
+        s = eng.generate([x], RequestParams(max_tokens=7, temperature=0, logprobs=0))[0].seqs[0]
+        return s.output, torch.tensor([lp.logprob for lp in s.logprobs])
+
     calls = []
     original = BlockDecoder.__call__
     monkeypatch.setattr(BlockDecoder, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
-
-    def steps(views: bool, per_sample: bool = False) -> torch.Tensor:
-        setup_caches(m, 1, 16)
-        with torch.inference_mode(), (fused_views(m) if views else contextlib.nullcontext()):
-            outs = [decode_step(m, x[:, :5], torch.arange(5), None, None)]
-            outs += [decode_step(m, x[:, t:t + 1], torch.tensor([t]), torch.tensor([[t]]) if per_sample else None, None)
-                     for t in range(5, 12)]
-        clear_caches(m)
-        return torch.cat(outs)
-
-    ref = steps(False)
+    ref_ids, ref_lp = run(False)
     assert not calls
-    out = steps(True)
-    assert len(calls) == 7 * m.cfg.n_layer  # every one-token step of every layer went through the decoder
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(steps(True, per_sample=True), ref, rtol=1e-5, atol=1e-5)  # (B, T) positions
-    with fused_views(m):
-        assert all(b._decoder is not None for b in m.layers.values())
-    assert all(type(b) is Block and "_decoder" not in vars(b) for b in m.layers.values())
-    unpack(m)
-    with fused_views(m):  # not packed: no decoder, the modules run
-        assert all(type(b) is Block for b in m.layers.values())
+    ids, lp = run(True)
+    n_layer = preset(name, **over).n_layer
+    assert len(calls) == 6 * n_layer  # every one-token step of every layer went through the decoder
+    assert ids == ref_ids
+    torch.testing.assert_close(lp, ref_lp, rtol=0, atol=1e-5)

@@ -1,12 +1,12 @@
-"""ember.infer.generate / text: cached == uncached, batched == one-by-one, stops, parity with transformers."""
+"""ember.infer.generate (offline generation over the engine) / text: cached == uncached, batched == one-by-one,
+stops, parity with transformers."""
 
-import os
 
 import pytest
 import torch
 
 from ember.errors import EmberError
-from ember.infer.generate import Batch, decode_one, generate, generate_iter, prefill
+from ember.infer.generate import generate, generate_iter
 from ember.infer.sample import SamplingParams
 from ember.infer.text import TextStream
 from ember.models import Transformer, preset
@@ -33,33 +33,20 @@ def _prompts(lens, seed=0, vocab=512):
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
-def test_cached_logits_equal_uncached_at_every_step(name):
+def test_model_static_cache_logits_equal_uncached_at_every_step(name):
+    """The model's own static KV cache (models/kv_cache.py): prefill then one token at a time == no cache."""
     m = _model(name)
     seq = torch.tensor(_prompts([64], seed=1))  # (1, 64)
     T0 = 10
     with torch.inference_mode():
         full = m(seq)  # (1, 64, V): the uncached reference
         setup_caches(m, 1, 64)
-        logits = prefill(m, seq[:, :T0], torch.arange(T0))
+        logits = m(seq[:, :T0], input_pos=torch.arange(T0))[:, -1]
         torch.testing.assert_close(logits, full[:, T0 - 1], rtol=1e-5, atol=1e-5)
         for t in range(T0, 64):
-            logits = decode_one(m, seq[:, t: t + 1], torch.tensor([t]))
+            logits = m(seq[:, t: t + 1], input_pos=torch.tensor([t]))[:, -1]
             torch.testing.assert_close(logits, full[:, t], rtol=1e-5, atol=1e-5)
         clear_caches(m)
-
-
-@pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
-def test_left_padded_batch_logits_equal_unpadded(name):
-    m = _model(name)
-    prompts = _prompts([3, 11, 7])
-    batch = Batch(prompts, max_new_tokens=4, device=torch.device("cpu"))
-    with torch.inference_mode():
-        setup_caches(m, batch.B, batch.S)
-        last = prefill(m, batch.tokens, batch.slots[: batch.T], batch.positions[:, : batch.T], batch.prefill_mask)
-        clear_caches(m)
-        for b, p in enumerate(prompts):
-            ref = m(torch.tensor([p]))[0, -1]
-            torch.testing.assert_close(last[b], ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
@@ -203,17 +190,3 @@ def test_greedy_matches_transformers_generate(kind, tmp_path):
                           eos_token_id=eos, pad_token_id=eos)[:, T:].tolist()
     for out, r in zip(ours, ref):
         assert out == r[: len(out)] and all(t == eos for t in r[len(out):])
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("EMBER_TEST_COMPILE"),
-                    reason="compiling takes minutes on 2 CPU cores; set EMBER_TEST_COMPILE=1")
-@pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
-def test_compiled_decode_step_generates_the_same_tokens(name):
-    """The compiled step attends over all cache slots (static shapes); eager over the filled ones."""
-    model = Transformer(preset(name))
-    model.init_weights(0)
-    model.eval()
-    prompts = [[1, 2, 3, 4, 5], [6, 7]]
-    want = generate(model, prompts, 8, SamplingParams(temperature=0))
-    assert generate(model, prompts, 8, SamplingParams(temperature=0), compile=True) == want

@@ -126,7 +126,7 @@ def test_empty_prompt_samples_unconditionally(ckpt):
     model, tok = api.load(str(ckpt / "ck"))
     out = api.generate(str(ckpt / "ck"), "", max_new_tokens=6, temperature=1.0, top_k=None, seed=3)
     ref = api.generate_texts(model, tok, [[tok.eos_id]], 6, api.SamplingParams(1.0, None), (), (),
-                             torch.Generator().manual_seed(3), None, 8, False)
+                             torch.Generator().manual_seed(3), None, 8)
     assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)
     assert out == ref and out[0]  # the same sample as from [EOS], and not empty
 

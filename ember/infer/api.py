@@ -4,7 +4,7 @@
     ember.generate("runs/small/final", "Once upon a time", max_new_tokens=50, temperature=0.8, seed=0)
 
 Text in, text out: prompts are encoded with the checkpoint's tokenizer, generated in batches by
-infer/generate.py (token ids only), and decoded incrementally by infer/text.py, which also cuts each
+infer/generate.py (token ids only, over the engine), and decoded incrementally by infer/text.py, which also cuts each
 sample at the first stop string. The CLI recipes `ember generate` and `ember chat` use these functions.
 
 Context window policy (block_size = the model's maximum sequence length):
@@ -123,7 +123,7 @@ def clamp_new_tokens(prompt_len: int, max_new_tokens: int, block_size: int) -> i
 def generate_texts(model: torch.nn.Module, tokenizer: Any, prompt_ids: Sequence[list[int]], max_new_tokens: int,
                    params: SamplingParams, stop: Sequence[str] = (), stop_ids: Sequence[int] = (),
                    generator: Optional[torch.Generator] = None, stream: Optional[StreamFn] = None,
-                   batch_size: int = 8, compile: bool = False, counter: Optional[dict] = None) -> list[str]:
+                   batch_size: int = 8, counter: Optional[dict] = None) -> list[str]:
     """Generate from encoded prompts in batches of `batch_size`; one string per prompt.
 
     `counter["tokens"]`, when a dict is given, is increased by the number of tokens generated.
@@ -144,7 +144,7 @@ def generate_texts(model: torch.nn.Module, tokenizer: Any, prompt_ids: Sequence[
 
         n_new = clamp_new_tokens(max(map(len, chunk)), max_new_tokens, model.cfg.block_size)
         generate_ids(model, chunk, n_new, params, stop_ids=ids_stop, stop_fn=on_token, generator=generator,
-                     pad_id=tokenizer.pad_id or 0, compile=compile, vocab_limit=tokenizer.vocab_size)
+                     vocab_limit=tokenizer.vocab_size)
         for b, s in enumerate(streams):
             rest = s.flush()
             if rest and stream is not None:
@@ -171,7 +171,7 @@ def generate(checkpoint_or_model: Union[str, Path, torch.nn.Module], prompt: Uni
              min_p: float = 0.0, repetition_penalty: float = 1.0, stop: Optional[Sequence[str]] = None,
              seed: Optional[int] = None, num_samples: int = 1, stream: Union[bool, StreamFn] = False,
              tokenizer: Any = None, batch_size: int = 8, truncate: bool = False, device: str = "cpu",
-             dtype: Union[str, torch.dtype, None] = None, compile: bool = False) -> list[str]:
+             dtype: Union[str, torch.dtype, None] = None) -> list[str]:
     """Generated continuations (prompt excluded), `num_samples` per prompt, prompt-major order.
 
     checkpoint_or_model: a checkpoint directory, or a Transformer (then pass `tokenizer`).
@@ -202,4 +202,4 @@ def generate(checkpoint_or_model: Union[str, Path, torch.nn.Module], prompt: Uni
     if seed is not None:
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     return generate_texts(model, tok, ids, max_new_tokens, params, stop or (), (), generator,
-                          stream or None, batch_size, compile)
+                          stream or None, batch_size)

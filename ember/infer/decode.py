@@ -1,9 +1,8 @@
 """CPU decode kernels of the inference engine: weight layouts, split GEMV, and the batch-1 block step.
 
 The model classes (ember/models) stay plain PyTorch; this module reaches them only from outside:
-`pack_for_decode` re-lays weights in place, and `fused_views(model)` swaps the classes of the
-model's Linear, Attention, SwiGLU and Block modules for subclasses defined here (the way
-`torch.nn.utils.parametrize` does) for the length of a generation, restoring them on exit.
+`pack_for_decode` re-lays weights in place, and the engine (infer/engine.py) runs its steps through
+the products defined here and, for one sequence decoding one token, through each block's `BlockDecoder`.
 
 Weight layouts for fast decoding on CPU: `pack_for_decode(model)`, in place, with no extra memory.
 
@@ -26,23 +25,24 @@ weights (training is faster with them). Only plain `nn.Linear`s on CPU are touch
 quantized, hooked or DTensor (sharded) weights are left alone.
 
 `split_linear` / `decode_linear` then run each of these few-row products as a bmm over slices of the
-weight, so every core streams its own part (see `split_linear`). `ember.infer.generate` packs for
-batches of at most 2 rows and unpacks for larger ones (where the column-major head is slower), and
-generates inside `fused_views(model)`, which prepares the packed views, the weight slices
-(`row_product`) and each block's `BlockDecoder` once for the whole generation. bench/decode.py
-measures what each of these buys.
+weight, so every core streams its own part (see `split_linear`). The engine packs when it runs at
+most PACK_MAX_SEQS sequences and is not batch-invariant (`ember generate` with one prompt, `ember
+chat`), and keeps the row-major layout otherwise (the column-major head is slower for larger
+batches); it prepares the packed views, the weight slices (`row_product`) and each block's
+`BlockDecoder` once. bench/decode.py measures what each of these buys.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ember.models.layers import Attention, Block, GeluMLP, RMSNorm, SwiGLU, apply_rope, plain_linear, rms_norm
+
+PACK_MAX_SEQS = 2  # the packed layout pays for this many rows per product at most
 
 
 def _is_column_major(w: torch.Tensor) -> bool:
@@ -180,13 +180,12 @@ class BlockDecoder:
     packed q|k|v and gate|up views, head counts, norm parameters. No module calls, no transposes:
     a one-token query is already laid out as (1, H, 1, D).
 
-    Built by `fused_views` for blocks whose weights are packed and plain; used (through the swapped
-    block class) only with autograd off, in eval mode, for x of shape (1, 1, C) without a mask.
+    Built by the engine for blocks whose weights are packed and plain; used only with autograd off, in
+    eval mode, for x of shape (1, 1, C).
     """
 
     def __init__(self, block: Block, qkv: tuple, wo: tuple, up: tuple, down: tuple, swiglu: bool):
         att = block.attention
-        self.attention = att  # its kv_cache is read at each step (caches are set up per generation)
         self.norms = [(n.weight, getattr(n, "bias", None), n.eps, isinstance(n, RMSNorm))
                       for n in (block.attention_norm, block.ffn_norm)]
         self.qkv, self.wo, self.up, self.down, self.swiglu = qkv, wo, up, down, swiglu
@@ -221,15 +220,17 @@ class BlockDecoder:
         weight, bias, eps, rms = self.norms[i]
         return rms_norm(x, weight, eps) if rms else F.layer_norm(x, weight.shape, weight, bias, eps)
 
-    def __call__(self, x: torch.Tensor, rope: Optional[torch.Tensor], input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, rope: Optional[torch.Tensor],
+                 kv: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """x (1, 1, C) -> (1, 1, C). `kv(k, v)` stores this token's k, v (1, K, 1, D) and returns every key
+        and value the token attends to, (1, K, S, D) each (the engine's paged cache)."""
         H, K, D, nqk = self.H, self.K, self.D, self.nqk
         qkv = one_row(self._norm(x, 0), self.qkv).view(-1)  # [q | k | v]
         qk = qkv[:nqk].view(1, H + K, D)
         if self.rope:
-            qk = apply_rope(qk, rope.view(1, 1, -1))  # one position: (1, 1, 2D) whether positions were per sample or not
-        k, v = self.attention.kv_cache.update(input_pos, qk[0, H:].view(1, K, 1, D), qkv[nqk:].view(1, K, 1, D))
-        y = F.scaled_dot_product_attention(qk[0, :H].view(1, H, 1, D), k[:, :, :kv_len], v[:, :, :kv_len],
-                                           enable_gqa=H != K)  # (1, H, 1, D)
+            qk = apply_rope(qk, rope.view(1, 1, -1))  # one position: (1, 1, 2D)
+        k, v = kv(qk[0, H:].view(1, K, 1, D), qkv[nqk:].view(1, K, 1, D))
+        y = F.scaled_dot_product_attention(qk[0, :H].view(1, H, 1, D), k, v, enable_gqa=H != K)  # (1, H, 1, D)
         x = x + one_row(y.view(1, 1, H * D), self.wo)
         h = one_row(self._norm(x, 1), self.up)
         if self.swiglu:
@@ -238,103 +239,6 @@ class BlockDecoder:
         else:
             h = F.gelu(h, approximate="tanh")
         return x + one_row(h, self.down)
-
-
-# ------------------------------------------------------------------ module swaps for a generation
-_FUSE_QKV_MIN_ROWS = 128  # as models.layers.Attention: from this many rows one concatenated GEMM is cheaper
-
-
-class _SplitLinear(nn.Linear):
-    """nn.Linear whose few-row, no-grad CPU products run as split GEMVs (`decode_fused`)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or x.device.type != "cpu":
-            return F.linear(x, self.weight, self.bias)
-        return decode_fused(x, self.weight, self.bias)
-
-
-class _DecodeAttention(Attention):
-    """Attention whose q|k|v projection is one GEMV over the packed buffer (when packed, autograd off)."""
-
-    _fused = None
-
-    def _project_qkv(self, x: torch.Tensor):
-        if self._fused is not None and not torch.is_grad_enabled():
-            return decode_fused(x, *self._fused)
-        if x.numel() // x.shape[-1] < _FUSE_QKV_MIN_ROWS:
-            return self.wq(x), self.wk(x), self.wv(x)
-        lins = (self.wq, self.wk, self.wv)
-        b = torch.cat([m.bias for m in lins]) if self.wq.bias is not None else None
-        return F.linear(x, torch.cat([m.weight for m in lins]), b)
-
-
-class _DecodeSwiGLU(SwiGLU):
-    """SwiGLU whose gate|up projection is one GEMV over the packed buffer (when packed, autograd off)."""
-
-    _fused = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fused is not None and not torch.is_grad_enabled():
-            gate, up = decode_fused(x, *self._fused).chunk(2, dim=-1)
-            return self.w2(F.silu(gate, inplace=True).mul_(up))  # the packed output is ours: in place
-        return super().forward(x)
-
-
-class _DecodeBlock(Block):
-    """Block that hands batch-1, one-token, no-grad eval steps to its BlockDecoder."""
-
-    _decoder = None
-
-    def forward(self, x, rope, mask, is_causal, input_pos=None, kv_len=None):
-        if (self._decoder is not None and kv_len is not None and mask is None and x.shape[0] == 1
-                and x.shape[1] == 1 and not self.training and not torch.is_grad_enabled()):
-            return self._decoder(x, rope, input_pos, kv_len)
-        return super().forward(x, rope, mask, is_causal, input_pos, kv_len)
-
-
-def _swap(m: nn.Module, cls: type, swapped: list, **attrs) -> None:
-    swapped.append((m, m.__class__, list(attrs)))
-    m.__class__ = cls
-    for k, v in attrs.items():
-        setattr(m, k, v)
-
-
-@contextlib.contextmanager
-def fused_views(model: nn.Module) -> Iterator[int]:
-    """For the length of the block, the model decodes through this module's kernels: plain CPU Linears
-    run split GEMVs, each packed group (q|k|v, gate|up) is one product over views recorded once (no
-    layout check per call), and each Block whose weights are all packed hands batch-1 steps to its
-    `BlockDecoder`. Done by swapping those modules' classes for the subclasses above; on exit every
-    class and attribute is restored. Yields how many groups are packed. Do not re-lay or replace the
-    weights inside the block."""
-    swapped: list = []
-    try:
-        fused = {}
-        for owner, group in _owned_groups(model):
-            views = fused_weight(group)
-            if views is not None:
-                fused[id(owner)] = views
-        parts = torch.get_num_threads()
-        blocks = [(b, BlockDecoder.build(b, parts, fused)) for b in model.modules() if type(b) is Block]
-        attentions = [m for m in model.modules()
-                      if type(m) is Attention and all(plain_linear(x) for x in (m.wq, m.wk, m.wv))]
-        mlps = [m for m in model.modules() if type(m) is SwiGLU and id(m) in fused]
-        linears = [m for m in model.modules() if plain_linear(m) and m.weight.device.type == "cpu"]
-        for m in attentions:
-            _swap(m, _DecodeAttention, swapped, _fused=fused.get(id(m)))
-        for m in mlps:
-            _swap(m, _DecodeSwiGLU, swapped, _fused=fused[id(m)])
-        for b, dec in blocks:
-            if dec is not None:
-                _swap(b, _DecodeBlock, swapped, _decoder=dec)
-        for m in linears:
-            _swap(m, _SplitLinear, swapped)
-        yield len(fused)
-    finally:
-        for m, cls, attrs in reversed(swapped):
-            m.__class__ = cls
-            for k in attrs:
-                vars(m).pop(k, None)
 
 
 def is_packed(model: nn.Module) -> bool:

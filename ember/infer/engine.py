@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.errors import EmberError
-from ember.infer.decode import split_linear, unpack
+from ember.infer.decode import PACK_MAX_SEQS, BlockDecoder, decode_linear, pack_for_decode, split_linear, unpack
 from ember.infer.sample import SamplingParams, apply_repetition_penalty, process_logits, sample_from_logits
 from ember.infer.text import TextStream
 from ember.models.layers import GeluMLP, SwiGLU, apply_rope, plain_linear
@@ -86,6 +86,9 @@ class EngineConfig:
     """Reuse the KV of full blocks whose prefix was computed before."""
     batch_invariant: bool = True
     """Outputs independent of batch composition, prefix hits and preemptions (see the module docstring)."""
+    pack: Optional[bool] = None
+    """Lay the weights out for batch-1 decoding (infer/decode.py); None: when max_num_seqs <= 2 on CPU
+    and not batch-invariant (the layout is slower for larger batches)."""
 
     def validate(self) -> "EngineConfig":
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -284,8 +287,21 @@ class Engine:
                              f"mask={mcfg.mask!r}, head outputs {model.n_out}).")
         if model.tok_embeddings is None or model.output is None:
             raise EmberError("engine: the model must hold its embedding and head (not a pipeline stage).")
-        unpack(model)  # row-major weights: the layout every batch size uses
         p = next(model.parameters())
+        pack = self.cfg.pack
+        if pack is None:
+            pack = (p.device.type == "cpu" and not self.cfg.batch_invariant
+                    and self.cfg.max_num_seqs <= PACK_MAX_SEQS)
+        if pack and self.cfg.batch_invariant:
+            raise EmberError("engine: pack=True is for batch-1 decoding; it cannot be batch-invariant. "
+                             "HINT: set batch_invariant=False or leave pack unset.")
+        self.decoders: Optional[list] = None
+        if pack:
+            pack_for_decode(model)
+            decoders = [BlockDecoder.build(b, max(2, torch.get_num_threads())) for b in model.layers.values()]
+            self.decoders = decoders if all(d is not None for d in decoders) else None
+        else:
+            unpack(model)  # row-major weights: the layout every batch size shares
         self.device, self.dtype = p.device, p.dtype
         self.tokenizer = tokenizer
         self.eos_ids = tuple(int(i) for i in eos_ids)
@@ -303,9 +319,10 @@ class Engine:
         self.pool = BlockPool(n, bs)
         self.kv_bytes = n * per_block
         slots = n * bs
-        self.k_cache = [torch.zeros(slots, self.K, self.D, dtype=self.dtype, device=self.device)
+        # never read before written: a sequence attends over its own written slots only
+        self.k_cache = [torch.empty(slots, self.K, self.D, dtype=self.dtype, device=self.device)
                         for _ in range(mcfg.n_layer)]
-        self.v_cache = [torch.zeros_like(k) for k in self.k_cache]
+        self.v_cache = [torch.empty_like(k) for k in self.k_cache]
         self.waiting: deque[Sequence_] = deque()
         self.running: list[Sequence_] = []
         self.requests: dict[str, Request] = {}
@@ -362,16 +379,16 @@ class Engine:
         self.waiting.append(req.seqs[0])
         return req
 
-    def abort(self, request_id: str) -> None:
-        """Cancel a request: its sequences finish ("abort") and free their blocks now."""
+    def abort(self, request_id: str, index: Optional[int] = None, reason: str = "abort") -> None:
+        """Cancel a request (or its sequence `index`): it finishes with `reason` and frees its blocks now."""
         req = self.requests.get(request_id)
         if req is None:
             return
         for s in req.seqs:
-            if not s.finished:
+            if not s.finished and (index is None or s.index == index):
                 if s in self.waiting:
                     self.waiting.remove(s)
-                self._finish(s, "abort")
+                self._finish(s, reason)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -637,6 +654,8 @@ class Engine:
         """Logits (len(rows), V) at the given rows of this step's flattened tokens."""
         model, dev = self.model, self.device
         N = len(tokens)
+        if N == 1 and self.decoders is not None and not self.cfg.batch_invariant:
+            return self._forward_one(tokens[0], positions[0], slots[0], segments[0][2], segments[0][3])
         Np = _round_up(N, self.row_multiple) if self.cfg.batch_invariant else N
         tok = torch.zeros(1, Np, dtype=torch.long, device=dev)
         tok[0, :N] = torch.tensor(tokens, device=dev)
@@ -673,6 +692,27 @@ class Engine:
         if self.cfg.batch_invariant and len(rows) % self.row_multiple:
             hr = torch.cat([hr, hr.new_zeros(_round_up(len(rows), self.row_multiple) - len(rows), hr.shape[-1])])
         return self._linear(model.output, hr)[: len(rows)]
+
+    def _forward_one(self, token: int, pos: int, slot: int, ctx: int, s: Sequence_) -> torch.Tensor:
+        """One token of one sequence (ctx tokens of context, its own included) through the blocks'
+        `BlockDecoder`s (packed weights): logits (1, V)."""
+        model, dev, bs = self.model, self.device, self.pool.block_size
+        idx = torch.tensor([s.blocks[p // bs] * bs + p % bs for p in range(ctx)], device=dev)
+        x = model.tok_embeddings(torch.tensor([[token]], device=dev))
+        if model.pos_embeddings is not None:
+            x = x + model.pos_embeddings.weight[pos].view(1, 1, -1)
+        rope = model.rope[pos] if model.rope is not None else None
+        K, D = self.K, self.D
+        for li, dec in enumerate(self.decoders):
+            kc, vc = self.k_cache[li], self.v_cache[li]
+
+            def kv(k: torch.Tensor, v: torch.Tensor, kc=kc, vc=vc) -> tuple[torch.Tensor, torch.Tensor]:
+                kc[slot] = k.view(K, D)
+                vc[slot] = v.view(K, D)
+                return (kc[idx].view(1, ctx, K, D).transpose(1, 2), vc[idx].view(1, ctx, K, D).transpose(1, 2))
+
+            x = dec(x, rope, kv)
+        return decode_linear(model.output, model.norm(x).view(1, -1))
 
     def _linear(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """m(x); a plain Linear on CPU as `split_linear` over a fixed number of weight slices (faster

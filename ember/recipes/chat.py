@@ -90,7 +90,7 @@ def reply(model: torch.nn.Module, tok: Any, ids: list[int], cfg: Config, params:
     max_new = min(cfg.max_new_tokens, model.cfg.block_size - len(ids))
     try:
         for _ in generate_iter(model, [ids], max_new, params, stop_ids=ends, stop_fn=on_token,
-                               generator=generator, pad_id=tok.pad_id or 0, vocab_limit=tok.vocab_size):
+                               generator=generator, vocab_limit=tok.vocab_size):
             pass
         _write(stream.flush())
         if seen["n"] >= max_new and not stream.stopped and seen["last"] not in ends:

@@ -43,8 +43,6 @@ class Config(SamplingFlags):
     """Left-truncate prompts that do not fit the context window instead of stopping with an error."""
     out: Optional[str] = None
     """Write results as JSONL here ({"index", "prompt", "sample", "completion"} per line)."""
-    compile: bool = False
-    """torch.compile the decode step (first call compiles: worth it for long generations)."""
 
 
 def unescape(s: str) -> str:
@@ -118,7 +116,7 @@ def main(cfg: Config) -> int:
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     t0 = time.perf_counter()
     texts = api.generate_texts(model, tok, ids, cfg.max_new_tokens, params, [unescape(s) for s in cfg.stop], (),
-                               generator, stream, cfg.batch_size, cfg.compile, counter)
+                               generator, stream, cfg.batch_size, counter)
     dt = time.perf_counter() - t0
     if single:
         sys.stdout.write("\n")

@@ -3,7 +3,7 @@
 Each `next_batch()`:
 
     prompts  = the next `prompts_per_step` prompts (a seeded order over the prompt file, epoch after epoch)
-    samples  = G completions per prompt from the policy, in one batched `ember.infer.generate.generate` call
+    samples  = G completions per prompt from the policy, in one batched `ember.infer.generate.generate` call (the engine)
                (temperature sampling; the generator is seeded by (seed, step), so a resumed run samples
                exactly what the uninterrupted one did)
     rewards  = the weighted sum of the reward functions, per completion
@@ -123,8 +123,7 @@ class RolloutLoader:
         self.policy.eval()
         with torch.no_grad():
             completions = generate(self.policy, rows, self.max_new, SamplingParams(temperature=self.temperature),
-                                   stop_ids=ends, generator=gen, pad_id=self.tok.pad_id or 0,
-                                   vocab_limit=self.tok.vocab_size, pack=False)
+                                   stop_ids=ends, generator=gen, vocab_limit=self.tok.vocab_size)
         self.policy.train(was_training)
         self.step += 1
         prompts_rep = [t for t in texts for _ in range(self.G)]
