@@ -68,7 +68,7 @@ def test_packed_engine_equals_the_uncached_model(name, two_threads):
     m = _model(name)
     prompt = torch.randint(0, 512, (7,), generator=torch.Generator().manual_seed(7)).tolist()
     eng = Engine(m, EngineConfig(block_size=8, num_blocks=8, max_num_seqs=1, batch_invariant=False))
-    assert is_packed(m) and eng.decoders is not None
+    assert is_packed(m) and eng.runner.decoders is not None
     s = eng.generate([prompt], RequestParams(max_tokens=12, temperature=0, logprobs=0))[0].seqs[0]
     unpack(m)
     with torch.inference_mode():

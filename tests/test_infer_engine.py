@@ -215,3 +215,54 @@ def test_bad_requests_are_clear_errors():
         eng.add_request([100000], _greedy())
     with pytest.raises(EmberError, match="stop strings"):
         eng.add_request([1], _greedy(stop=("x",)))
+
+
+def test_ngram_proposal_is_prompt_lookup():
+    from ember.infer.engine import ngram_proposal
+
+    ids = [5, 6, 7, 8, 9, 1, 2, 5, 6, 7]
+    assert ngram_proposal(ids, 3, 1, 4) == [8, 9, 1]  # "5 6 7" occurred before: what followed it
+    assert ngram_proposal([1, 2, 3, 4], 2, 1, 3) == []  # no earlier occurrence of any suffix
+    assert ngram_proposal([3, 1, 3], 4, 1, 2) == [1, 3]  # shorter suffix, latest occurrence
+
+
+@pytest.mark.parametrize("invariant", [True, False])
+def test_speculative_decoding_equals_plain_greedy(invariant):
+    """Greedy speculative decoding (prompt lookup, and a draft model) gives the plain greedy tokens; with
+    batch invariance also the same logprobs, bit for bit; acceptance is reported."""
+    m = _model("tiny-llama")
+    g = torch.Generator().manual_seed(3)
+    base = torch.randint(0, 512, (12,), generator=g).tolist()
+    prompts = [base * 3, _prompts([9])[0], (base[:5] + [7]) * 4]  # repetitive prompts: lookups hit
+    kw = dict(block_size=8, batch_invariant=invariant)
+    _, plain = _run(m, prompts, _greedy(24), **kw)
+    want = _tokens_and_logprobs(plain)
+    eng, spec = _run(m, prompts, _greedy(24), speculative="ngram", num_speculative_tokens=3, **kw)
+    got = _tokens_and_logprobs(spec)
+    assert [t for t, _ in got] == [t for t, _ in want]
+    if invariant:
+        assert got == want
+    assert eng.stats["spec_proposed"] > 0 and eng.spec_acceptance() is not None
+    # a draft model: a smaller one (random: few acceptances), and the model itself (all accepted)
+    small = _model("tiny-llama", seed=1, n_layer=1)
+    for draft, full in ((small, False), (_model("tiny-llama"), True)):
+        eng = Engine(m, EngineConfig(speculative="draft", num_speculative_tokens=4, **kw), draft_model=draft)
+        out = _tokens_and_logprobs(eng.generate(prompts, _greedy(24)))
+        assert [t for t, _ in out] == [t for t, _ in want]
+        if invariant:
+            assert out == want
+        assert eng.stats["spec_proposed"] > 0
+        if full:
+            assert eng.spec_acceptance() == 1.0
+        assert eng.pool.num_used == 0
+
+
+def test_speculation_skips_sampled_requests_and_respects_max_tokens():
+    m = _model("tiny-llama")
+    p = (_prompts([6])[0]) * 5
+    eng = Engine(m, EngineConfig(block_size=8, speculative="ngram"))
+    r = eng.generate([p], RequestParams(max_tokens=7, temperature=0))[0]
+    assert len(r.seqs[0].output) == 7
+    before = eng.stats["spec_proposed"]
+    eng.generate([p], RequestParams(max_tokens=7, temperature=0.8, seed=0))
+    assert eng.stats["spec_proposed"] == before

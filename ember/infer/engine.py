@@ -86,6 +86,14 @@ class EngineConfig:
     """Reuse the KV of full blocks whose prefix was computed before."""
     batch_invariant: bool = True
     """Outputs independent of batch composition, prefix hits and preemptions (see the module docstring)."""
+    speculative: Optional[str] = None
+    """Speculative decoding of greedy requests: "ngram" (proposals looked up in the sequence itself:
+    prompt lookup) or "draft" (proposals from a smaller draft model); None = off."""
+    num_speculative_tokens: int = 4
+    """Tokens proposed per step and sequence."""
+    ngram_max: int = 4
+    """Longest suffix looked up by the n-gram proposer (it tries shorter ones down to ngram_min)."""
+    ngram_min: int = 1
     pack: Optional[bool] = None
     """Lay the weights out for batch-1 decoding (infer/decode.py); None: when max_num_seqs <= 2 on CPU
     and not batch-invariant (the layout is slower for larger batches)."""
@@ -96,6 +104,10 @@ class EngineConfig:
                 raise EmberError(f"engine: {name}={getattr(self, name)} must be >= 1.")
         if self.num_blocks is not None and self.num_blocks < 2:
             raise EmberError(f"engine: num_blocks={self.num_blocks} must be >= 2.")
+        if self.speculative not in (None, "ngram", "draft"):
+            raise EmberError(f"engine: speculative={self.speculative!r} must be 'ngram', 'draft' or None.")
+        if self.speculative and not (self.num_speculative_tokens >= 1 and 1 <= self.ngram_min <= self.ngram_max):
+            raise EmberError("engine: num_speculative_tokens must be >= 1 and 1 <= ngram_min <= ngram_max.")
         if self.num_blocks is None and self.kv_memory_mb <= 0:
             raise EmberError(f"engine: kv_memory_mb={self.kv_memory_mb} must be > 0.")
         return self
@@ -174,6 +186,7 @@ class Sequence_:
         self.text = ""
         self.logprobs: list[TokenLogprob] = []
         self.cached_tokens = 0
+        self.draft_computed = 0  # tokens whose KV is in the draft model's cache
         self.arrival = next(_arrivals)
 
     @property
@@ -278,57 +291,39 @@ class Engine:
     """Continuous batching over a paged KV cache. `step()` runs one forward and returns the deltas."""
 
     def __init__(self, model: nn.Module, config: Optional[EngineConfig] = None, tokenizer: Any = None,
-                 eos_ids: Sequence[int] = (), vocab_limit: Optional[int] = None):
+                 eos_ids: Sequence[int] = (), vocab_limit: Optional[int] = None,
+                 draft_model: Optional[nn.Module] = None):
         self.cfg = (config or EngineConfig()).validate()
-        self.model = model.eval()
-        mcfg = model.cfg
-        if getattr(mcfg, "mask", "causal") != "causal" or getattr(model, "n_out", None) is not None:
-            raise EmberError("engine: serves causal language models only (this checkpoint has "
-                             f"mask={mcfg.mask!r}, head outputs {model.n_out}).")
-        if model.tok_embeddings is None or model.output is None:
-            raise EmberError("engine: the model must hold its embedding and head (not a pipeline stage).")
-        p = next(model.parameters())
-        pack = self.cfg.pack
-        if pack is None:
-            pack = (p.device.type == "cpu" and not self.cfg.batch_invariant
-                    and self.cfg.max_num_seqs <= PACK_MAX_SEQS)
-        if pack and self.cfg.batch_invariant:
-            raise EmberError("engine: pack=True is for batch-1 decoding; it cannot be batch-invariant. "
-                             "HINT: set batch_invariant=False or leave pack unset.")
-        self.decoders: Optional[list] = None
-        if pack:
-            pack_for_decode(model)
-            decoders = [BlockDecoder.build(b, max(2, torch.get_num_threads())) for b in model.layers.values()]
-            self.decoders = decoders if all(d is not None for d in decoders) else None
-        else:
-            unpack(model)  # row-major weights: the layout every batch size shares
-        self.device, self.dtype = p.device, p.dtype
+        bs = self.cfg.block_size
+        per_block = 2 * model.cfg.n_layer * bs * model.cfg.n_kv_head * model.cfg.head_dim * \
+            next(model.parameters()).element_size()
+        if draft_model is not None:
+            per_block += 2 * draft_model.cfg.n_layer * bs * draft_model.cfg.n_kv_head * draft_model.cfg.head_dim * \
+                next(draft_model.parameters()).element_size()
+        n = self.cfg.num_blocks or max(2, int(self.cfg.kv_memory_mb * 2 ** 20 // per_block))
+        self.pool = BlockPool(n, bs)
+        self.kv_bytes = n * per_block
+        self.runner = ModelRunner(model, n, bs, self.cfg.batch_invariant, self.cfg.pack, self.cfg.max_num_seqs)
+        self.model, self.device = model, self.runner.device
+        self.draft: Optional[ModelRunner] = None
+        if self.cfg.speculative == "draft":
+            if draft_model is None:
+                raise EmberError("engine: speculative='draft' needs a draft model. HINT: ember serve --draft-checkpoint DIR.")
+            if draft_model.cfg.vocab_size < model.cfg.vocab_size and vocab_limit is None and tokenizer is None:
+                raise EmberError("engine: the draft model's vocabulary is smaller than the model's.")
+            self.draft = ModelRunner(draft_model, n, bs, self.cfg.batch_invariant, False, self.cfg.max_num_seqs)
+        elif draft_model is not None:
+            raise EmberError("engine: a draft model was given but speculative is not 'draft'.")
         self.tokenizer = tokenizer
         self.eos_ids = tuple(int(i) for i in eos_ids)
         self.vocab_limit = vocab_limit if vocab_limit is not None else (
             tokenizer.vocab_size if tokenizer is not None else None)
-        self.H, self.K, self.D = mcfg.n_head, mcfg.n_kv_head, mcfg.head_dim
-        # weight slices per product, fixed for the engine's life (the arithmetic depends on it)
-        self.parts = max(2, torch.get_num_threads()) if self.device.type == "cpu" else 0
-        self.row_multiple = invariant_rows(
-            (mcfg.n_embd, mcfg.ffn_hidden, self.H * self.D, self.K * self.D, model.output.out_features),
-            torch.get_num_threads())
-        bs = self.cfg.block_size
-        per_block = 2 * mcfg.n_layer * bs * self.K * self.D * p.element_size()
-        n = self.cfg.num_blocks or max(2, int(self.cfg.kv_memory_mb * 2 ** 20 // per_block))
-        self.pool = BlockPool(n, bs)
-        self.kv_bytes = n * per_block
-        slots = n * bs
-        # never read before written: a sequence attends over its own written slots only
-        self.k_cache = [torch.empty(slots, self.K, self.D, dtype=self.dtype, device=self.device)
-                        for _ in range(mcfg.n_layer)]
-        self.v_cache = [torch.empty_like(k) for k in self.k_cache]
         self.waiting: deque[Sequence_] = deque()
         self.running: list[Sequence_] = []
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "cached_tokens": 0,
-                      "preemptions": 0, "requests_finished": 0}
+                      "preemptions": 0, "requests_finished": 0, "spec_proposed": 0, "spec_accepted": 0}
 
     # ------------------------------------------------------------------------------ requests
     @property
@@ -406,7 +401,7 @@ class Engine:
     def _free_blocks(self, s: Sequence_) -> None:
         for b in s.blocks:
             self.pool.release(b)
-        s.blocks, s.n_computed, s.n_hashed, s.hashes = [], 0, 0, []
+        s.blocks, s.n_computed, s.n_hashed, s.hashes, s.draft_computed = [], 0, 0, [], 0
 
     def _finish(self, s: Sequence_, reason: str) -> None:
         s.status, s.finish_reason = FINISHED, reason
@@ -510,36 +505,118 @@ class Engine:
         if not plan:
             return []
         self.stats["steps"] += 1
-        bs = self.pool.block_size
+        drafts = self._propose(plan) if self.cfg.speculative else {}
         tokens, positions, slots, segments = [], [], [], []
-        logit_rows: list[tuple[Sequence_, int, str]] = []  # (seq, row, "next" | prompt position)
+        logit_rows: list[tuple[Sequence_, int, str, int]] = []  # (seq, row, "prompt" | "next" | "spec", i)
         for s, n in plan:
+            extra = drafts.get(id(s), [])
+            m = n + len(extra)
             start = len(tokens)
-            pos = range(s.n_computed, s.n_computed + n)
-            tokens.extend(s.ids[p] for p in pos)
+            pos = range(s.n_computed, s.n_computed + m)
+            tokens.extend(s.ids[s.n_computed:s.n_computed + n])
+            tokens.extend(extra)
             positions.extend(pos)
-            slots.extend(s.blocks[p // bs] * bs + p % bs for p in pos)
-            segments.append((start, n, s.n_computed + n, s))
+            slots.append(self.runner.slots(s, s.n_computed + m)[s.n_computed:])
+            segments.append((start, m, s.n_computed + m, s))
             req = s.request
             if req.prompt_logprobs is not None and s.index == 0 and s.n_computed < s.n_prompt:
                 for p in pos:  # the logits at position p score prompt token p + 1
                     if p + 1 < s.n_prompt:
-                        logit_rows.append((s, start + p - s.n_computed, p + 1))
-            if s.n_computed + n == len(s.ids):
-                logit_rows.append((s, start + n - 1, -1))
-        logits = self._forward(tokens, positions, slots, segments, [r for _, r, _ in logit_rows])
+                        logit_rows.append((s, start + p - s.n_computed, "prompt", p + 1))
+            if extra:
+                logit_rows += [(s, start + i, "spec", i) for i in range(m)]
+            elif s.n_computed + n == len(s.ids):
+                logit_rows.append((s, start + n - 1, "next", 0))
+        logits = self.runner.forward(tokens, positions, slots, segments, [r for _, r, _, _ in logit_rows])
         for s, n in plan:
             if s.n_computed < s.n_prompt:
                 self.stats["prompt_tokens"] += min(n, s.n_prompt - s.n_computed)
-            s.n_computed += n
-            self._name_full_blocks(s)
+            if id(s) not in drafts:
+                s.n_computed += n
+                self._name_full_blocks(s)
         deltas: dict[tuple[str, int], SeqDelta] = {}
-        for (s, _, what), row in zip(logit_rows, logits):
-            if what >= 0:
-                self._record_prompt_logprob(s.request, what, row)
-            else:
+        spec_rows: dict[int, list[torch.Tensor]] = {}
+        for (s, _, kind, i), row in zip(logit_rows, logits):
+            if kind == "prompt":
+                self._record_prompt_logprob(s.request, i, row)
+            elif kind == "next":
                 self._sample(s, row, deltas)
+            else:
+                spec_rows.setdefault(id(s), []).append(row)
+        for s, _ in plan:
+            if id(s) in drafts:
+                self._verify(s, drafts[id(s)], spec_rows[id(s)], deltas)
         return list(deltas.values())
+
+    # ------------------------------------------------------------------------ speculation
+    def _speculable(self, s: Sequence_, n: int) -> int:
+        """How many tokens to propose for s this step (0: none)."""
+        p = s.request.params
+        if (n != 1 or s.n_computed != len(s.ids) - 1 or not s.output or p.temperature != 0
+                or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty):
+            return 0
+        k = min(self.cfg.num_speculative_tokens, p.max_tokens - len(s.output) - 1,
+                self.max_model_len - len(s.ids) - 1)
+        while k > 0 and self._blocks_needed(s, 1 + k) > self.pool.num_free:
+            k -= 1
+        return max(0, k)
+
+    def _propose(self, plan: list[tuple[Sequence_, int]]) -> dict[int, list[int]]:
+        """Proposed tokens per speculating sequence (blocks for them allocated)."""
+        want = [(s, k) for s, n in plan if (k := self._speculable(s, n)) > 0]
+        out: dict[int, list[int]] = {}
+        if self.cfg.speculative == "ngram":
+            for s, k in want:
+                d = ngram_proposal(s.ids, k, self.cfg.ngram_min, self.cfg.ngram_max)
+                if d:
+                    out[id(s)] = d
+        elif want:
+            for s, k in want:
+                self._grow(s, 1 + k)
+            out = self._draft_proposals(want)
+        for s, _ in want:
+            if id(s) in out:
+                self._grow(s, 1 + len(out[id(s)]))
+                self.stats["spec_proposed"] += len(out[id(s)])
+        return out
+
+    def _draft_proposals(self, want: list[tuple[Sequence_, int]]) -> dict[int, list[int]]:
+        """k greedy tokens per sequence from the draft model, all sequences batched in each draft step."""
+        d: dict[int, list[int]] = {id(s): [] for s, _ in want}
+        limit = min(self.vocab_limit or self.model.cfg.vocab_size, self.model.cfg.vocab_size)
+        for _ in range(max(k for _, k in want)):
+            act = [s for s, k in want if len(d[id(s)]) < k]
+            tokens, positions, slots, segments, rows = [], [], [], [], []
+            for s in act:
+                seq = s.ids + d[id(s)]
+                a, b = s.draft_computed, len(seq)
+                start = len(tokens)
+                tokens.extend(seq[a:b])
+                positions.extend(range(a, b))
+                slots.append(self.draft.slots(s, b)[a:])
+                segments.append((start, b - a, b, s))
+                rows.append(start + b - a - 1)
+            logits = self.draft.forward(tokens, positions, slots, segments, rows)
+            for s, row in zip(act, logits):
+                s.draft_computed = len(s.ids) + len(d[id(s)])
+                d[id(s)].append(int(row[:limit].argmax()))
+        return d
+
+    def _verify(self, s: Sequence_, proposal: list[int], rows: list[torch.Tensor], deltas: dict) -> None:
+        """Greedy verification: keep the proposal's longest prefix that the model's own argmax agrees
+        with, then the model's next token; the result is exactly what plain greedy decoding gives."""
+        raws = [self._masked(r) for r in rows]
+        target = [int(x.argmax()) for x in raws]
+        j = 0
+        while j < len(proposal) and proposal[j] == target[j]:
+            j += 1
+        self.stats["spec_accepted"] += j
+        s.n_computed += 1 + j  # the KV of the last token and of the j accepted ones is right
+        s.draft_computed = min(s.draft_computed, s.n_computed)
+        for i, tok in enumerate(proposal[:j] + [target[j]]):
+            if self._emit(s, tok, raws[i], deltas):
+                return
+        self._name_full_blocks(s)
 
     def _record_prompt_logprob(self, req: Request, p: int, row: torch.Tensor) -> None:
         lp = self._logprobs(row, req.prompt[p], req.params.prompt_logprobs)
@@ -591,23 +668,28 @@ class Engine:
             child.blocks = list(parent.blocks[:full])
             for b in parent.blocks[full:]:
                 nb = self.pool.allocate()
-                for kc, vc in zip(self.k_cache, self.v_cache):
-                    kc[nb * bs:(nb + 1) * bs] = kc[b * bs:(b + 1) * bs]
-                    vc[nb * bs:(nb + 1) * bs] = vc[b * bs:(b + 1) * bs]
+                for r in (self.runner, self.draft):
+                    if r is not None:
+                        r.copy_block(b, nb)
                 child.blocks.append(nb)
             child.n_computed, child.n_hashed, child.hashes = parent.n_computed, parent.n_hashed, list(parent.hashes)
+            child.draft_computed = parent.draft_computed
             child.cached_tokens = parent.cached_tokens
             child.status = RUNNING
             self.running.append(child)
             forked.append(child)
         return forked
 
-    def _sample_one(self, s: Sequence_, row: torch.Tensor, deltas: dict) -> None:
-        p = s.request.params
+    def _masked(self, row: torch.Tensor) -> torch.Tensor:
+        """fp32 logits with the ids the tokenizer does not know (padded embedding rows) at -inf."""
         x = row.float().clone()
         if self.vocab_limit is not None and self.vocab_limit < x.shape[-1]:
             x[self.vocab_limit:] = float("-inf")
-        raw = x
+        return x
+
+    def _sample_one(self, s: Sequence_, row: torch.Tensor, deltas: dict) -> None:
+        p = s.request.params
+        raw = x = self._masked(row)
         if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
             x = x.clone()
             if p.repetition_penalty != 1.0:
@@ -622,6 +704,11 @@ class Engine:
             tok = int(x.argmax())
         else:
             tok = int(sample_from_logits(process_logits(x.view(1, -1), sp), s.generator)[0])
+        self._emit(s, tok, raw, deltas)
+
+    def _emit(self, s: Sequence_, tok: int, raw: torch.Tensor, deltas: dict) -> bool:
+        """Append a chosen token (raw: its step's masked logits, for logprobs); True if s finished."""
+        p = s.request.params
         s.ids.append(tok)
         lp = self._logprobs(raw, tok, p.logprobs) if p.logprobs is not None else None
         if lp is not None:
@@ -629,7 +716,7 @@ class Engine:
         self.stats["generated_tokens"] += 1
         text = s.stream.push(tok) if s.stream is not None else ""
         reason = None
-        if not p.ignore_eos and tok in self.eos_ids or tok in p.stop_token_ids:
+        if (not p.ignore_eos and tok in self.eos_ids) or tok in p.stop_token_ids:
             reason = "stop"
         elif s.stream is not None and s.stream.stopped:
             reason = "stop"
@@ -644,31 +731,112 @@ class Engine:
         d = deltas.get(key)
         if d is None:
             deltas[key] = SeqDelta(s.request.id, s.index, [tok], text, [lp] if lp else [], s.finished, reason)
-        else:  # not reached today (one token per sequence per step); kept for multi-token steps
+        else:  # several tokens in one step (speculative decoding)
             d.token_ids.append(tok)
             d.text += text
+            if lp:
+                d.logprobs.append(lp)
+            d.finished, d.finish_reason = s.finished, reason
+        return s.finished
 
-    # ------------------------------------------------------------------------------ forward
-    def _forward(self, tokens: list[int], positions: list[int], slots: list[int],
+
+    # ------------------------------------------------------------------------------- batch use
+    def generate(self, prompts: Sequence[Sequence[int]], params: RequestParams | Sequence[RequestParams],
+                 progress: Optional[Callable[[int], None]] = None) -> list[Request]:
+        """Run prompts to completion (offline batch); requests in prompt order."""
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        reqs = [self.add_request(p, rp) for p, rp in zip(prompts, plist)]
+        while self.has_unfinished():
+            out = self.step()
+            if progress is not None:
+                progress(sum(1 for d in out if d.finished))
+        for r in reqs:
+            self.release(r.id)
+        return reqs
+
+    def kv_usage(self) -> dict:
+        """Blocks in use and the share of their slots that hold no token (internal fragmentation)."""
+        used, bs = self.pool.num_used, self.pool.block_size
+        # a slot holds a token once it is computed or being computed in this step (blocks are allocated
+        # for the step's tokens before its forward runs)
+        held = sum(min(len(s.ids), len(s.blocks) * bs) for s in self.running)
+        slots = sum(len(s.blocks) for s in self.running) * bs
+        return {"blocks_total": self.pool.num_blocks, "blocks_used": used,
+                "waste": (1 - held / slots) if slots else 0.0}
+
+    def spec_acceptance(self) -> Optional[float]:
+        """Accepted / proposed speculative tokens so far (None before any proposal)."""
+        p = self.stats["spec_proposed"]
+        return self.stats["spec_accepted"] / p if p else None
+
+
+# ------------------------------------------------------------------------------ the model runner
+class ModelRunner:
+    """One model and its paged KV cache: runs a step's flattened tokens (the engine has one for the
+    model it serves and one for a draft model). Block ids and slots are the engine's, so a draft's
+    cache is addressed through the same block tables as the target's."""
+
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, invariant: bool,
+                 pack: Optional[bool], max_num_seqs: int):
+        mcfg = model.cfg
+        if getattr(mcfg, "mask", "causal") != "causal" or getattr(model, "n_out", None) is not None:
+            raise EmberError("engine: serves causal language models only (this checkpoint has "
+                             f"mask={mcfg.mask!r}, head outputs {model.n_out}).")
+        if model.tok_embeddings is None or model.output is None:
+            raise EmberError("engine: the model must hold its embedding and head (not a pipeline stage).")
+        self.model = model.eval()
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.invariant, self.bs = invariant, block_size
+        if pack is None:
+            pack = p.device.type == "cpu" and not invariant and max_num_seqs <= PACK_MAX_SEQS
+        if pack and invariant:
+            raise EmberError("engine: pack=True is for batch-1 decoding; it cannot be batch-invariant. "
+                             "HINT: set batch_invariant=False or leave pack unset.")
+        self.decoders: Optional[list] = None
+        if pack:
+            pack_for_decode(model)
+            decoders = [BlockDecoder.build(b, max(2, torch.get_num_threads())) for b in model.layers.values()]
+            self.decoders = decoders if all(d is not None for d in decoders) else None
+        else:
+            unpack(model)  # row-major weights: the layout every batch size shares
+        self.H, self.K, self.D = mcfg.n_head, mcfg.n_kv_head, mcfg.head_dim
+        # weight slices per product, fixed for the runner's life (the arithmetic depends on it)
+        self.parts = max(2, torch.get_num_threads()) if self.device.type == "cpu" else 0
+        self.row_multiple = invariant_rows(
+            (mcfg.n_embd, mcfg.ffn_hidden, self.H * self.D, self.K * self.D, model.output.out_features),
+            torch.get_num_threads())
+        self.bytes_per_block = 2 * mcfg.n_layer * block_size * self.K * self.D * p.element_size()
+        slots = num_blocks * block_size
+        # never read before written: a sequence attends over its own written slots only
+        self.k_cache = [torch.empty(slots, self.K, self.D, dtype=self.dtype, device=self.device)
+                        for _ in range(mcfg.n_layer)]
+        self.v_cache = [torch.empty_like(k) for k in self.k_cache]
+
+    def copy_block(self, src: int, dst: int) -> None:
+        bs = self.bs
+        for kc, vc in zip(self.k_cache, self.v_cache):
+            kc[dst * bs:(dst + 1) * bs] = kc[src * bs:(src + 1) * bs]
+            vc[dst * bs:(dst + 1) * bs] = vc[src * bs:(src + 1) * bs]
+
+    def forward(self, tokens: list[int], positions: list[int], slots: list[int],
                  segments: list[tuple[int, int, int, Sequence_]], rows: list[int]) -> torch.Tensor:
         """Logits (len(rows), V) at the given rows of this step's flattened tokens."""
         model, dev = self.model, self.device
         N = len(tokens)
-        if N == 1 and self.decoders is not None and not self.cfg.batch_invariant:
-            return self._forward_one(tokens[0], positions[0], slots[0], segments[0][2], segments[0][3])
-        Np = _round_up(N, self.row_multiple) if self.cfg.batch_invariant else N
+        if N == 1 and self.decoders is not None and not self.invariant:
+            return self._forward_one(tokens[0], positions[0], int(slots[0][0]), segments[0][2], segments[0][3])
+        Np = _round_up(N, self.row_multiple) if self.invariant else N
         tok = torch.zeros(1, Np, dtype=torch.long, device=dev)
         tok[0, :N] = torch.tensor(tokens, device=dev)
         pos = torch.zeros(1, Np, dtype=torch.long, device=dev)
         pos[0, :N] = torch.tensor(positions, device=dev)
-        slot = torch.tensor(slots, device=dev)
+        slot = torch.cat(slots)
         x = model.tok_embeddings(tok)
         if model.pos_embeddings is not None:
             x = x + model.pos_embeddings(pos)
         rope = model.rope[pos].unsqueeze(-2) if model.rope is not None else None  # (1, Np, 1, 2D)
-        gathers = [(start, n, ctx, torch.tensor([s.blocks[p // self.pool.block_size] * self.pool.block_size
-                                                 + p % self.pool.block_size for p in range(ctx)], device=dev))
-                   for start, n, ctx, s in segments]
+        gathers = self._gathers(segments)
         for li, layer in enumerate(model.layers.values()):
             a = layer.attention
             h = layer.attention_norm(x)
@@ -689,15 +857,15 @@ class Engine:
             return x.new_zeros(0, model.output.out_features)
         idx = torch.tensor(rows, dtype=torch.long, device=dev)
         hr = x[idx]
-        if self.cfg.batch_invariant and len(rows) % self.row_multiple:
+        if self.invariant and len(rows) % self.row_multiple:
             hr = torch.cat([hr, hr.new_zeros(_round_up(len(rows), self.row_multiple) - len(rows), hr.shape[-1])])
         return self._linear(model.output, hr)[: len(rows)]
 
     def _forward_one(self, token: int, pos: int, slot: int, ctx: int, s: Sequence_) -> torch.Tensor:
         """One token of one sequence (ctx tokens of context, its own included) through the blocks'
         `BlockDecoder`s (packed weights): logits (1, V)."""
-        model, dev, bs = self.model, self.device, self.pool.block_size
-        idx = torch.tensor([s.blocks[p // bs] * bs + p % bs for p in range(ctx)], device=dev)
+        model, dev = self.model, self.device
+        idx = self.slots(s, ctx)
         x = model.tok_embeddings(torch.tensor([[token]], device=dev))
         if model.pos_embeddings is not None:
             x = x + model.pos_embeddings.weight[pos].view(1, 1, -1)
@@ -728,14 +896,48 @@ class Engine:
             return self._linear(mlp.w2, F.gelu(self._linear(mlp.w1, x), approximate="tanh"))
         return mlp(x)
 
-    def _attend(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, gathers: list, y: torch.Tensor) -> None:
+    def slots(self, s: Sequence_, n: int) -> torch.Tensor:
+        """Cache slots of s's first n positions (n,)."""
+        bs = self.bs
+        table = torch.tensor(s.blocks[: (n + bs - 1) // bs], device=self.device)
+        return (table.view(-1, 1) * bs + torch.arange(bs, device=self.device)).view(-1)[:n]
+
+    def _gathers(self, segments: list) -> dict:
+        """What attention reads, built once per step: per segment (start, n, ctx, slots of its context);
+        without batch invariance, the single-token segments also as one padded batch: their rows, the
+        (B, S) slots (padding reads slot 0) and the (B, 1, 1, S) mask of real keys."""
+        out: dict = {"segments": [], "decode": None}
+        decodes = []
+        for start, n, ctx, s in segments:
+            idx = self.slots(s, ctx)
+            if n == 1 and not self.invariant:
+                decodes.append((start, ctx, idx))
+            else:
+                out["segments"].append((start, n, ctx, idx))
+        if decodes:
+            S = max(c for _, c, _ in decodes)
+            idx = torch.zeros(len(decodes), S, dtype=torch.long, device=self.device)
+            mask = torch.zeros(len(decodes), 1, 1, S, dtype=torch.bool, device=self.device)
+            for b, (_, ctx, slots) in enumerate(decodes):
+                idx[b, :ctx], mask[b, ..., :ctx] = slots, True
+            rows = torch.tensor([start for start, _, _ in decodes], device=self.device)
+            out["decode"] = (rows, idx, mask)
+        return out
+
+    def _attend(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, gathers: dict, y: torch.Tensor) -> None:
         """Causal attention of each segment's queries q[start:start+n] (n, H, D) over its cached keys."""
         gqa = self.H != self.K
-        decodes = []
-        for start, n, ctx, idx in gathers:
+        if gathers["decode"] is not None:  # every single-token query in one padded call
+            rows, idx, mask = gathers["decode"]
+            B, S = idx.shape
+            Kb = kc[idx].view(B, S, self.K, self.D).transpose(1, 2)  # (B, K, S, D)
+            Vb = vc[idx].view(B, S, self.K, self.D).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q[rows].unsqueeze(2), Kb, Vb, attn_mask=mask, enable_gqa=gqa)
+            y[rows] = o.reshape(B, -1)
+        for start, n, ctx, idx in gathers["segments"]:
             K = kc[idx].view(1, ctx, self.K, self.D).transpose(1, 2)  # (1, K, ctx, D)
             V = vc[idx].view(1, ctx, self.K, self.D).transpose(1, 2)
-            if self.cfg.batch_invariant:
+            if self.invariant:
                 first = ctx - n  # position of the first query
                 for i in range(n):  # one query at a time, the same strides whatever n is
                     L = first + i + 1
@@ -744,48 +946,22 @@ class Engine:
                     y[start + i] = o.reshape(-1)
                 continue
             qs = q[start:start + n].transpose(0, 1).unsqueeze(0)  # (1, H, n, D)
-            if n == 1:
-                decodes.append((start, ctx, K, V))
-            else:
-                qp = torch.arange(ctx - n, ctx, device=q.device).view(-1, 1)
-                mask = (torch.arange(ctx, device=q.device).view(1, -1) <= qp).view(1, 1, n, ctx)
-                o = F.scaled_dot_product_attention(qs, K, V, attn_mask=mask, enable_gqa=gqa)  # (1, H, n, D)
-                y[start:start + n] = o[0].transpose(0, 1).reshape(n, -1)
-        if decodes:  # every single-token query in one padded call
-            S = max(c for _, c, _, _ in decodes)
-            B = len(decodes)
-            Kb = q.new_zeros(B, self.K, S, self.D)
-            Vb = q.new_zeros(B, self.K, S, self.D)
-            mask = torch.zeros(B, 1, 1, S, dtype=torch.bool, device=q.device)
-            for b, (_, ctx, K, V) in enumerate(decodes):
-                Kb[b, :, :ctx], Vb[b, :, :ctx], mask[b, ..., :ctx] = K[0], V[0], True
-            qb = torch.stack([q[start] for start, _, _, _ in decodes]).unsqueeze(2)  # (B, H, 1, D)
-            o = F.scaled_dot_product_attention(qb, Kb, Vb, attn_mask=mask, enable_gqa=gqa)
-            for b, (start, _, _, _) in enumerate(decodes):
-                y[start] = o[b].reshape(-1)
+            qp = torch.arange(ctx - n, ctx, device=q.device).view(-1, 1)
+            mask = (torch.arange(ctx, device=q.device).view(1, -1) <= qp).view(1, 1, n, ctx)
+            o = F.scaled_dot_product_attention(qs, K, V, attn_mask=mask, enable_gqa=gqa)  # (1, H, n, D)
+            y[start:start + n] = o[0].transpose(0, 1).reshape(n, -1)
 
-    # ------------------------------------------------------------------------------- batch use
-    def generate(self, prompts: Sequence[Sequence[int]], params: RequestParams | Sequence[RequestParams],
-                 progress: Optional[Callable[[int], None]] = None) -> list[Request]:
-        """Run prompts to completion (offline batch); requests in prompt order."""
-        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        reqs = [self.add_request(p, rp) for p, rp in zip(prompts, plist)]
-        while self.has_unfinished():
-            out = self.step()
-            if progress is not None:
-                progress(sum(1 for d in out if d.finished))
-        for r in reqs:
-            self.release(r.id)
-        return reqs
 
-    def kv_usage(self) -> dict:
-        """Blocks in use and the share of their slots that hold no token (internal fragmentation)."""
-        used = self.pool.num_used
-        held = sum(s.n_computed for s in self.running)
-        slots = sum(len(s.blocks) for s in self.running) * self.pool.block_size
-        return {"blocks_total": self.pool.num_blocks, "blocks_used": used,
-                "waste": (1 - held / slots) if slots else 0.0}
-
+def ngram_proposal(ids: Sequence[int], k: int, n_min: int, n_max: int) -> list[int]:
+    """Prompt lookup: the k tokens that followed the latest earlier occurrence of the sequence's last n
+    tokens (the longest n in [n_min, n_max] that occurs), or [] when none does."""
+    L = len(ids)
+    for n in range(min(n_max, L - 1), n_min - 1, -1):
+        tail = list(ids[L - n:])
+        for i in range(L - n - 1, -1, -1):  # latest first; the tail itself (i = L - n) is skipped
+            if ids[i] == tail[0] and list(ids[i:i + n]) == tail:
+                return list(ids[i + n:i + n + k])
+    return []
 
 
 def _round_up(n: int, m: int) -> int:

@@ -52,6 +52,9 @@ class Config:
     max_n: int = 8
     """Largest n (samples per prompt) accepted."""
     engine: EngineConfig = field(default_factory=EngineConfig)
+    draft_checkpoint: Optional[str] = None
+    """A smaller checkpoint (same tokenizer) that proposes tokens for greedy requests (speculative
+    decoding; sets --engine.speculative draft). --engine.speculative ngram needs no second model."""
     device: str = "cpu"
     """Device to run on (cpu, cuda, ...)."""
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
@@ -72,7 +75,11 @@ def build(cfg: Config):
         raise EmberError("ember serve: --checkpoint DIR is required (a directory from ember pretrain, "
                          "ember finetune or ember convert).")
     model, tok = api.load(cfg.checkpoint, device=cfg.device, dtype=cfg.dtype, tokenizer=cfg.tokenizer)
-    engine = Engine(model, cfg.engine, tokenizer=tok, eos_ids=end_of_turn_ids(tok))
+    draft = None
+    if cfg.draft_checkpoint:
+        draft, _ = api.load(cfg.draft_checkpoint, device=cfg.device, dtype=cfg.dtype, tokenizer=tok)
+        cfg.engine.speculative = "draft"
+    engine = Engine(model, cfg.engine, tokenizer=tok, eos_ids=end_of_turn_ids(tok), draft_model=draft)
     keys = list(cfg.api_key) + [k.strip() for k in os.environ.get("EMBER_API_KEY", "").split(",") if k.strip()]
     name = cfg.served_model_name or Path(cfg.checkpoint).resolve().name
     settings = ServerSettings(model_name=name, api_keys=keys, max_body_bytes=cfg.max_body_bytes,
@@ -94,7 +101,8 @@ def main(cfg: Config) -> None:
     log(f"engine: {kv['blocks_total']} KV blocks of {engine.pool.block_size} tokens "
         f"({engine.kv_bytes / 2**20:.0f} MiB), up to {engine.cfg.max_num_seqs} sequences, "
         f"{engine.cfg.max_num_batched_tokens} tokens per step, prefix caching "
-        f"{'on' if engine.cfg.prefix_caching else 'off'}, batch-invariant {'on' if engine.cfg.batch_invariant else 'off'}"
+        f"{'on' if engine.cfg.prefix_caching else 'off'}, batch-invariant {'on' if engine.cfg.batch_invariant else 'off'}, "
+        f"speculative {engine.cfg.speculative or 'off'}"
         f"; API keys: {len(keys) or 'none'}")
     try:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5)

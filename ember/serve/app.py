@@ -344,6 +344,10 @@ def prometheus(runner: EngineRunner) -> str:
     metric("ember_cached_prompt_tokens_total", "counter", "Prompt tokens served from the prefix cache.",
            eng.stats["cached_tokens"])
     metric("ember_preemptions_total", "counter", "Sequences preempted (recomputed later).", eng.stats["preemptions"])
+    metric("ember_spec_proposed_tokens_total", "counter", "Tokens proposed by speculative decoding.",
+           eng.stats["spec_proposed"])
+    metric("ember_spec_accepted_tokens_total", "counter", "Proposed tokens the model accepted.",
+           eng.stats["spec_accepted"])
     lines += ["# HELP ember_request_finished_total Finished sequences by finish reason.",
               "# TYPE ember_request_finished_total counter"]
     for reason, count in sorted(runner.finished_by_reason.items()):
