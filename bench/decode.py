@@ -26,6 +26,7 @@ roofline tok/s = bandwidth / bytes per token, and ember's decode-step rate is re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -140,6 +141,46 @@ def llama_generate(llm, ids: torch.Tensor, n: int) -> list[int]:
     return toks
 
 
+PASSAGE = ("The engine keeps the key and value vectors of every sequence in fixed-size blocks, so memory is "
+           "allocated as a sequence grows and freed the moment it finishes. Requests join and leave the running "
+           "batch between steps, and a long prompt is computed in chunks so that decoding never stalls.")
+
+
+def truncated_draft(model: Transformer, n_layer: int) -> Transformer:
+    """A draft model made of the model's first n_layer blocks, its embedding, final norm and head."""
+    cfg = dataclasses.replace(model.cfg, n_layer=n_layer)
+    sd = {k: v for k, v in model.state_dict().items()
+          if not k.startswith("layers.") or int(k.split(".")[1]) < n_layer}
+    return from_state_dict(cfg, {k: v.clone() for k, v in sd.items()})
+
+
+def speculative_rates(model: Transformer, checkpoint: str, n: int, iters: int) -> None:
+    """Batch-1 greedy decoding with and without speculation, on a prompt that asks to copy a passage."""
+    from ember.tokenizer import Tokenizer
+    from ember.tokenizer.chat import end_of_turn_ids
+
+    tok = Tokenizer.load(os.path.join(checkpoint, "tokenizer"))
+    prompt = tok.encode_chat([{"role": "user", "content": f"Repeat this text exactly:\n\n{PASSAGE}"}])
+    draft = truncated_draft(model, max(1, model.cfg.n_layer // 4))  # a weak draft: the only smaller model at hand
+    runs = {"plain": {}, "ngram": dict(speculative="ngram"), f"draft: first {draft.cfg.n_layer} of {model.cfg.n_layer} layers": dict(speculative="draft")}
+    outs, times, accept = {}, {k: [] for k in runs}, {}
+    for _ in range(iters):
+        for name, kw in runs.items():
+            eng = Engine(model, EngineConfig(block_size=16, num_blocks=(len(prompt) + n) // 16 + 2, max_num_seqs=1,
+                                             batch_invariant=False, num_speculative_tokens=4, **kw),
+                         tokenizer=tok, eos_ids=end_of_turn_ids(tok), draft_model=draft if "draft" in name else None)
+            t0 = time.perf_counter()
+            r = eng.generate([prompt], RequestParams(max_tokens=n, temperature=0))[0]
+            times[name].append(time.perf_counter() - t0)
+            outs[name], accept[name] = r.seqs[0].output, eng.spec_acceptance()
+    base = len(outs["plain"]) / median(times["plain"])
+    for name in runs:
+        rate = len(outs[name]) / median(times[name])
+        acc = f", acceptance {accept[name]:.0%}" if accept[name] is not None else ""
+        print(f"speculative ({name}): {rate:.1f} tok/s = {rate / base:.2f}x plain{acc}, "
+              f"output identical to plain: {outs[name] == outs['plain']}")
+
+
 def weight_products(model: Transformer) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """(weight, bias) of every product a packed batch-1 decode step runs, in order (fused groups as one)."""
     out = []
@@ -218,6 +259,8 @@ def main() -> None:
               + (f", llama.cpp identical to HF: {same_llama}" if "llama.cpp F32" in rate else ""))
         if B == 1:
             hf_rate1 = rate["hf"]
+    if args.checkpoint:
+        speculative_rates(plain, args.checkpoint, 96, args.iters)
     # roofline at batch 1: bandwidth and decode steps measured in alternating rounds, so a busy
     # spell of this (shared, virtual) machine hits both; the median round is reported
     pack_for_decode(model)

@@ -18,7 +18,7 @@ Rule table (a module in GROUP may import ember modules of the groups listed; its
 
     Nothing in ember imports `bench` or `tests`; only cli (and recipes) import recipes.
     `import ember` / `from ember import __version__` counts as base (the package __init__ is tiny).
-    Within apps: infer/ never imports train/ (inference runs without the training package).
+    Within apps: infer/ and serve/ never import train/ (inference runs without the training package).
     ember/_version.py imports nothing. No file-level import cycle anywhere in ember/ (lazy imports count).
 
 A new top-level module or package under ember/ must be added to GROUPS (the test says so).
@@ -131,8 +131,8 @@ def violations(path: Path, source: str | None = None) -> list[str]:
                 bad.append(f"{where} ({tg} is above {group}; allowed: {sorted(ALLOWED[group])})")
         elif group == "models" and head not in MODELS_THIRD_PARTY and head not in sys.stdlib_module_names:
             bad.append(f"{where} (models imports torch and the standard library only)")
-        if head == "ember" and rel.parts[0] == "infer" and mod.split(".")[1:2] == ["train"]:
-            bad.append(f"{where} (infer never imports train: inference runs without the training package)")
+        if head == "ember" and rel.parts[0] in ("infer", "serve") and mod.split(".")[1:2] == ["train"]:
+            bad.append(f"{where} ({rel.parts[0]} never imports train: inference runs without the training package)")
         if rel.as_posix() == "_version.py" and mod != "__future__":
             bad.append(f"{where} (ember/_version.py imports nothing)")
     return bad
@@ -236,6 +236,7 @@ def test_rule_table_covers_every_top_level_entry():
     ("recipes/x.py", "from tests.test_cli import run\n", "bench or tests"),
     ("recipes/x.py", "from ember import cli\n", "cli is above recipes"),
     ("infer/x.py", "def f():\n    from ember.train.loop import Trainer\n", "infer never imports train"),
+    ("serve/x.py", "from ember.train import loss\n", "serve never imports train"),
     ("_version.py", "import os\n", "imports nothing"),
 ])
 def test_checker_flags_violations(file, source, needle):
