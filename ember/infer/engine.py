@@ -232,12 +232,16 @@ class SeqDelta:
 
 # ----------------------------------------------------------------------------------- the pool
 class BlockPool:
-    """Fixed-size KV blocks with reference counts and a prefix cache of named (hashed) full blocks."""
+    """Fixed-size KV blocks with reference counts and a prefix cache of named (hashed) full blocks.
+
+    A sequence grows into the block after its last one when that block is free, and a new sequence
+    starts at the largest run of free blocks: most sequences then own consecutive blocks, and
+    attention reads their keys and values as a view of the cache instead of gathering them."""
 
     def __init__(self, num_blocks: int, block_size: int):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.ref = [0] * num_blocks
-        self.free: deque[int] = deque(range(num_blocks))  # never named, or name dropped
+        self.free: set[int] = set(range(num_blocks))  # never named, or name dropped
         self.cached: OrderedDict[int, None] = OrderedDict()  # ref 0 but named: reusable, evicted LRU
         self.by_hash: dict[int, int] = {}
         self.hash_of: dict[int, int] = {}
@@ -251,11 +255,32 @@ class BlockPool:
     def num_used(self) -> int:
         return self.num_blocks - self.num_free
 
-    def allocate(self) -> int:
-        if self.free:
-            b = self.free.popleft()
+    def _run_start(self) -> int:
+        """Where a new sequence starts: in the longest run of free (unnamed) blocks, at its first block
+        when nothing precedes it, else at its middle (the sequence before it keeps room to grow)."""
+        best, best_len, start, length = -1, 0, -1, 0
+        for b in range(self.num_blocks):
+            if b in self.free:
+                if length == 0:
+                    start = b
+                length += 1
+                if length > best_len:
+                    best, best_len = start, length
+            else:
+                length = 0
+        return best if best == 0 or best_len < 2 else best + best_len // 2
+
+    def allocate(self, after: Optional[int] = None) -> int:
+        """A block: the one after block `after` when it is free, else the start of the longest free run,
+        else the least recently freed named block (its name is dropped)."""
+        if after is not None and after + 1 in self.free:
+            b = after + 1
+            self.free.remove(b)
+        elif self.free:
+            b = self._run_start()
+            self.free.remove(b)
         else:
-            b, _ = self.cached.popitem(last=False)  # the least recently freed named block
+            b, _ = self.cached.popitem(last=False)
             del self.by_hash[self.hash_of.pop(b)]
         self.ref[b] = 1
         return b
@@ -266,7 +291,7 @@ class BlockPool:
             if b in self.hash_of:
                 self.cached[b] = None
             else:
-                self.free.append(b)
+                self.free.add(b)
 
     def share(self, b: int) -> None:
         if self.ref[b] == 0:
@@ -495,7 +520,7 @@ class Engine:
 
     def _grow(self, s: Sequence_, n: int) -> None:
         for _ in range(self._blocks_needed(s, n)):
-            s.blocks.append(self.pool.allocate())
+            s.blocks.append(self.pool.allocate(s.blocks[-1] if s.blocks else None))
 
     # --------------------------------------------------------------------------------- step
     @torch.inference_mode()
@@ -667,7 +692,7 @@ class Engine:
                 self.pool.share(b)
             child.blocks = list(parent.blocks[:full])
             for b in parent.blocks[full:]:
-                nb = self.pool.allocate()
+                nb = self.pool.allocate(child.blocks[-1] if child.blocks else None)
                 for r in (self.runner, self.draft):
                     if r is not None:
                         r.copy_block(b, nb)
@@ -865,7 +890,7 @@ class ModelRunner:
         """One token of one sequence (ctx tokens of context, its own included) through the blocks'
         `BlockDecoder`s (packed weights): logits (1, V)."""
         model, dev = self.model, self.device
-        idx = self.slots(s, ctx)
+        src = self.source(s, ctx)
         x = model.tok_embeddings(torch.tensor([[token]], device=dev))
         if model.pos_embeddings is not None:
             x = x + model.pos_embeddings.weight[pos].view(1, 1, -1)
@@ -877,7 +902,7 @@ class ModelRunner:
             def kv(k: torch.Tensor, v: torch.Tensor, kc=kc, vc=vc) -> tuple[torch.Tensor, torch.Tensor]:
                 kc[slot] = k.view(K, D)
                 vc[slot] = v.view(K, D)
-                return (kc[idx].view(1, ctx, K, D).transpose(1, 2), vc[idx].view(1, ctx, K, D).transpose(1, 2))
+                return self.context(kc, src, ctx), self.context(vc, src, ctx)
 
             x = dec(x, rope, kv)
         return decode_linear(model.output, model.norm(x).view(1, -1))
@@ -902,19 +927,36 @@ class ModelRunner:
         table = torch.tensor(s.blocks[: (n + bs - 1) // bs], device=self.device)
         return (table.view(-1, 1) * bs + torch.arange(bs, device=self.device)).view(-1)[:n]
 
+    def source(self, s: Sequence_, ctx: int):
+        """Where s's first ctx keys and values lie: the first slot (an int) when its blocks are consecutive
+        (attention then reads a view of the cache), else their slots (ctx,) to gather."""
+        bs, b = self.bs, s.blocks
+        nb = (ctx + bs - 1) // bs
+        b0 = b[0]
+        if b[nb - 1] - b0 == nb - 1 and all(b[i] == b0 + i for i in range(1, nb)):
+            return b0 * bs
+        return self.slots(s, ctx)
+
+    def context(self, cache: torch.Tensor, src, ctx: int) -> torch.Tensor:
+        """(1, K, ctx, D) keys or values of one sequence."""
+        x = cache[src:src + ctx] if isinstance(src, int) else cache[src]
+        return x.view(1, ctx, self.K, self.D).transpose(1, 2)
+
     def _gathers(self, segments: list) -> dict:
-        """What attention reads, built once per step: per segment (start, n, ctx, slots of its context);
-        without batch invariance, the single-token segments also as one padded batch: their rows, the
-        (B, S) slots (padding reads slot 0) and the (B, 1, 1, S) mask of real keys."""
+        """What attention reads, built once per step: per segment (start, n, ctx, source of its context);
+        without batch invariance, the single-token segments whose blocks are not consecutive also as one
+        padded batch: their rows, the (B, S) slots (padding reads slot 0) and the (B, 1, 1, S) mask."""
         out: dict = {"segments": [], "decode": None}
         decodes = []
         for start, n, ctx, s in segments:
-            idx = self.slots(s, ctx)
-            if n == 1 and not self.invariant:
-                decodes.append((start, ctx, idx))
+            src = self.source(s, ctx)
+            if n == 1 and not self.invariant and not isinstance(src, int):
+                decodes.append((start, ctx, src))
             else:
-                out["segments"].append((start, n, ctx, idx))
-        if decodes:
+                out["segments"].append((start, n, ctx, src))
+        if len(decodes) == 1:
+            out["segments"].append((decodes[0][0], 1, decodes[0][1], decodes[0][2]))
+        elif decodes:
             S = max(c for _, c, _ in decodes)
             idx = torch.zeros(len(decodes), S, dtype=torch.long, device=self.device)
             mask = torch.zeros(len(decodes), 1, 1, S, dtype=torch.bool, device=self.device)
@@ -927,17 +969,16 @@ class ModelRunner:
     def _attend(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, gathers: dict, y: torch.Tensor) -> None:
         """Causal attention of each segment's queries q[start:start+n] (n, H, D) over its cached keys."""
         gqa = self.H != self.K
-        if gathers["decode"] is not None:  # every single-token query in one padded call
+        if gathers["decode"] is not None:  # single-token queries over gathered keys: one padded call
             rows, idx, mask = gathers["decode"]
             B, S = idx.shape
             Kb = kc[idx].view(B, S, self.K, self.D).transpose(1, 2)  # (B, K, S, D)
             Vb = vc[idx].view(B, S, self.K, self.D).transpose(1, 2)
             o = F.scaled_dot_product_attention(q[rows].unsqueeze(2), Kb, Vb, attn_mask=mask, enable_gqa=gqa)
             y[rows] = o.reshape(B, -1)
-        for start, n, ctx, idx in gathers["segments"]:
-            K = kc[idx].view(1, ctx, self.K, self.D).transpose(1, 2)  # (1, K, ctx, D)
-            V = vc[idx].view(1, ctx, self.K, self.D).transpose(1, 2)
-            if self.invariant:
+        for start, n, ctx, src in gathers["segments"]:
+            K, V = self.context(kc, src, ctx), self.context(vc, src, ctx)  # (1, K, ctx, D)
+            if n == 1 or self.invariant:
                 first = ctx - n  # position of the first query
                 for i in range(n):  # one query at a time, the same strides whatever n is
                     L = first + i + 1
