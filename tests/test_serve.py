@@ -9,7 +9,6 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
@@ -287,3 +286,33 @@ def test_chat_page_streams_in_a_browser(server):
     reply = server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
                                                     temperature=0.0).choices[0].message.content
     assert text.strip() == reply.strip() and "tok/s" in stats
+
+
+def test_serves_an_adapter_checkpoint_merged(ckpt, tmp_path):
+    """A LoRA adapter checkpoint (ember finetune's output) is served merged into its base; its greedy
+    text equals the unmerged adapter model's."""
+    from ember.io.adapter import save_adapter
+    from ember.io.checkpoint import load_checkpoint, save_adapter_checkpoint
+    from ember.peft.lora import LoRAConfig, apply_lora
+
+    model, _ = load_checkpoint(ckpt)
+    lora = LoRAConfig(r=4, alpha=8, targets=["all-linear"])
+    apply_lora(model, lora, seed=1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(hash(name) % 1000))
+    out = save_adapter_checkpoint(tmp_path / "adapter", model.cfg, ckpt,
+                                  lambda d: save_adapter(model, model.cfg, lora, d, base=str(ckpt)),
+                                  tokenizer_dir=ckpt / "tokenizer")
+    tok = api.load(str(out))[1]
+    prompt = "the quick brown"
+    want = api.generate(str(out), prompt, max_new_tokens=10, temperature=0)[0]  # unmerged LoRA modules
+    assert want != _greedy_text(ckpt, prompt, 10)  # the adapter changes the model
+    s = Server(Config(checkpoint=str(out), engine=EngineConfig(block_size=8, kv_memory_mb=4)))
+    try:
+        r = s.client().completions.create(model="adapter", prompt=prompt, max_tokens=10, temperature=0)
+        assert r.choices[0].text == want
+        assert r.usage.prompt_tokens == len(tok.encode(prompt))
+    finally:
+        s.stop()

@@ -7,8 +7,8 @@
 
 Binds 127.0.0.1 unless --host says otherwise. Keys come from --api-key (repeat it for several) and
 from the EMBER_API_KEY environment variable (comma-separated); with none, the API is open, which is
-fine on 127.0.0.1 only (a warning says so for any other host). Adapter checkpoints (LoRA, QLoRA) load
-like any other. Ctrl-C (SIGINT) or SIGTERM: requests in flight get a few seconds to finish, then are
+fine on 127.0.0.1 only (a warning says so for any other host). Adapter checkpoints (LoRA, QLoRA: ember
+finetune's output) load like any other and are merged into their base for serving. Ctrl-C (SIGINT) or SIGTERM: requests in flight get a few seconds to finish, then are
 aborted, and every stream ends cleanly.
 """
 
@@ -67,6 +67,7 @@ def build(cfg: Config):
     """(FastAPI app, runner) for a config: model and tokenizer loaded, engine started."""
     from ember.infer import api
     from ember.infer.engine import Engine
+    from ember.peft.lora import merge_lora
     from ember.serve.app import ServerSettings, create_app
     from ember.serve.runner import EngineRunner
     from ember.tokenizer.chat import end_of_turn_ids
@@ -75,6 +76,9 @@ def build(cfg: Config):
         raise EmberError("ember serve: --checkpoint DIR is required (a directory from ember pretrain, "
                          "ember finetune or ember convert).")
     model, tok = api.load(cfg.checkpoint, device=cfg.device, dtype=cfg.dtype, tokenizer=cfg.tokenizer)
+    merged = merge_lora(model)  # an adapter checkpoint (LoRA, QLoRA) is served merged into its base
+    if merged:
+        log(f"merged the checkpoint's LoRA adapters into {merged} base weights")
     draft = None
     if cfg.draft_checkpoint:
         draft, _ = api.load(cfg.draft_checkpoint, device=cfg.device, dtype=cfg.dtype, tokenizer=tok)
