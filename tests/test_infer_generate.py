@@ -91,13 +91,18 @@ def test_stop_ids_and_stop_fn_finish_samples_independently():
     assert len(steps) == 1
 
 
-def test_streaming_yields_each_step_and_none_after_finish():
+def test_streaming_yields_each_step_and_nothing_after_finish():
     m = _model("tiny")
     prompts = _prompts([3, 8])
     seen = []
     out = generate(m, prompts, 6, GREEDY, stop_fn=lambda b, t: b == 0, stream=seen.append)
-    assert len(seen) == 6 and seen[0][0] == out[0][0] and all(s[0] is None for s in seen[1:])
-    assert [s[1] for s in seen] == out[1]
+    assert len(seen) == 6 and seen[0][0] == out[0] and all(s[0] == [] for s in seen[1:])
+    assert [t for s in seen for t in s[1]] == out[1] and all(len(s[1]) == 1 for s in seen)
+    # prompt lookup: several tokens per step, the same greedy tokens
+    rep = [prompts[1] * 4]
+    steps = []
+    assert generate(m, rep, 24, GREEDY, speculative="ngram", stream=steps.append) == generate(m, rep, 24, GREEDY)
+    assert len(steps) < 24
 
 
 def test_too_long_prompt_and_empty_prompt_are_errors():

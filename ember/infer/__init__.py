@@ -4,10 +4,11 @@ The ladder, bottom up (each rung a small function over token ids):
 
     sample.py     SamplingParams; sample(logits, params, seen, generator): greedy / temperature,
                   top-k, top-p, min-p, repetition penalty (HF order and semantics)
-    generate.py   prefill -> decode_one -> generate_iter / generate: static KV cache, left-padded
-                  batches of different lengths, per-sample stops, streaming, optional torch.compile
-    decode.py     CPU decode kernels: weight layouts, split GEMV, the batch-1 block step; reach the
-                  (plain) model by class swaps for the length of a generation
+    engine.py     the engine: paged KV cache, continuous batching, prefix caching, per-request
+                  sampling, speculative decoding, batch invariance (ember serve runs it)
+    generate.py   generate_iter / generate: offline generation over the engine (per-prompt stops,
+                  streaming, optional prompt-lookup speculation)
+    decode.py     CPU decode kernels: weight layouts, split GEMV, the batch-1 block step
     text.py       TextStream: incremental detokenization with stop strings
     api.py        text in, text out: `ember.generate(checkpoint_or_model, prompt, ...)`; used by the
                   `ember generate` and `ember chat` recipes

@@ -123,7 +123,8 @@ def clamp_new_tokens(prompt_len: int, max_new_tokens: int, block_size: int) -> i
 def generate_texts(model: torch.nn.Module, tokenizer: Any, prompt_ids: Sequence[list[int]], max_new_tokens: int,
                    params: SamplingParams, stop: Sequence[str] = (), stop_ids: Sequence[int] = (),
                    generator: Optional[torch.Generator] = None, stream: Optional[StreamFn] = None,
-                   batch_size: int = 8, counter: Optional[dict] = None) -> list[str]:
+                   batch_size: int = 8, counter: Optional[dict] = None,
+                   speculative: Optional[str] = None) -> list[str]:
     """Generate from encoded prompts in batches of `batch_size`; one string per prompt.
 
     `counter["tokens"]`, when a dict is given, is increased by the number of tokens generated.
@@ -144,7 +145,7 @@ def generate_texts(model: torch.nn.Module, tokenizer: Any, prompt_ids: Sequence[
 
         n_new = clamp_new_tokens(max(map(len, chunk)), max_new_tokens, model.cfg.block_size)
         generate_ids(model, chunk, n_new, params, stop_ids=ids_stop, stop_fn=on_token, generator=generator,
-                     vocab_limit=tokenizer.vocab_size)
+                     vocab_limit=tokenizer.vocab_size, speculative=speculative)
         for b, s in enumerate(streams):
             rest = s.flush()
             if rest and stream is not None:

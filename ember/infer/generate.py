@@ -38,11 +38,13 @@ def check_fits(model: nn.Module, prompt_len: int, max_new_tokens: int) -> None:
 
 def offline_engine(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                    stop_ids: Sequence[int] = (), vocab_limit: Optional[int] = None,
-                   tokenizer=None) -> Engine:
-    """An engine whose KV pool holds exactly these prompts and their new tokens, all running at once."""
-    blocks = sum(math.ceil((len(p) + max_new_tokens) / BLOCK) for p in prompts)
+                   tokenizer=None, speculative: Optional[str] = None) -> Engine:
+    """An engine whose KV pool holds exactly these prompts and their new tokens, all running at once
+    (plus room for speculative proposals)."""
+    room = max_new_tokens + (BLOCK if speculative else 0)
+    blocks = sum(math.ceil((len(p) + room) / BLOCK) for p in prompts)
     cfg = EngineConfig(block_size=BLOCK, num_blocks=max(2, blocks), max_num_seqs=max(1, len(prompts)),
-                       max_num_batched_tokens=2048, batch_invariant=False)
+                       max_num_batched_tokens=2048, batch_invariant=False, speculative=speculative)
     return Engine(model, cfg, tokenizer=tokenizer, eos_ids=stop_ids, vocab_limit=vocab_limit)
 
 
@@ -57,9 +59,12 @@ def generate_iter(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_to
                   params: Optional[SamplingParams] = None, stop_ids: Sequence[int] = (),
                   stop_fn: Optional[Callable[[int, int], bool]] = None,
                   generator: Optional[torch.Generator] = None,
-                  vocab_limit: Optional[int] = None) -> Iterator[list[Optional[int]]]:
-    """Yield, per engine step that produced tokens, one new id per prompt (None for prompts that
-    produced none in that step: finished, or still prefilling)."""
+                  vocab_limit: Optional[int] = None,
+                  speculative: Optional[str] = None) -> Iterator[list[Optional[int]]]:
+    """Yield, per engine step, the new ids of each prompt (an empty list for prompts that produced none
+    in that step: finished, or still prefilling). Without speculative decoding a step adds at most one
+    id per prompt; with `speculative="ngram"` (prompt lookup; greedy only) a step may add several,
+    and the result is the same as without."""
     params = (params or SamplingParams()).validate()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise EmberError("generate: every prompt needs at least one token. HINT: start from the BOS/EOS id.")
@@ -67,7 +72,7 @@ def generate_iter(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_to
         return
     check_fits(model, max(len(p) for p in prompts), max_new_tokens)
     was_training = model.training
-    engine = offline_engine(model, prompts, max_new_tokens, stop_ids, vocab_limit)
+    engine = offline_engine(model, prompts, max_new_tokens, stop_ids, vocab_limit, speculative=speculative)
     seeds = _seeds(len(prompts), generator)
     index = {}
     for b, (p, seed) in enumerate(zip(prompts, seeds)):
@@ -77,14 +82,16 @@ def generate_iter(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_to
         index[engine.add_request(p, rp, request_id=str(b)).id] = b
     try:
         while engine.has_unfinished():
-            out: list[Optional[int]] = [None] * len(prompts)
+            out: list[list[int]] = [[] for _ in prompts]
             for d in engine.step():
                 b = index[d.request_id]
                 for tok in d.token_ids:
-                    out[b] = tok
-                    if stop_fn is not None and stop_fn(b, tok) and not d.finished:  # called for every new token
-                        engine.abort(d.request_id, reason="stop")
-            if any(t is not None for t in out):
+                    out[b].append(tok)
+                    if stop_fn is not None and stop_fn(b, tok):  # called for every new token
+                        if not d.finished:
+                            engine.abort(d.request_id, reason="stop")
+                        break
+            if any(out):
                 yield out
     finally:
         for rid in index:
@@ -95,15 +102,14 @@ def generate_iter(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_to
 def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              params: Optional[SamplingParams] = None, stop_ids: Sequence[int] = (),
              stop_fn: Optional[Callable[[int, int], bool]] = None, generator: Optional[torch.Generator] = None,
-             stream: Optional[Callable[[list[Optional[int]]], None]] = None,
-             vocab_limit: Optional[int] = None) -> list[list[int]]:
+             stream: Optional[Callable[[list[list[int]]], None]] = None,
+             vocab_limit: Optional[int] = None, speculative: Optional[str] = None) -> list[list[int]]:
     """New token ids per prompt (a stop id, when hit, is the last id). `stream(step_tokens)` sees each step."""
     out: list[list[int]] = [[] for _ in prompts]
     for step_tokens in generate_iter(model, prompts, max_new_tokens, params, stop_ids, stop_fn, generator,
-                                     vocab_limit):
+                                     vocab_limit, speculative):
         if stream is not None:
             stream(step_tokens)
-        for b, tok in enumerate(step_tokens):
-            if tok is not None:
-                out[b].append(tok)
+        for b, toks in enumerate(step_tokens):
+            out[b].extend(toks)
     return out

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -41,6 +41,9 @@ class Config(SamplingFlags):
     """Sequences generated together (prompt file / several samples)."""
     truncate: bool = False
     """Left-truncate prompts that do not fit the context window instead of stopping with an error."""
+    speculative: Optional[Literal["ngram"]] = None
+    """Speculative decoding for greedy runs: "ngram" proposes the tokens that followed the last few tokens
+    earlier in the text (prompt lookup): the same output, faster when the output copies from the prompt."""
     out: Optional[str] = None
     """Write results as JSONL here ({"index", "prompt", "sample", "completion"} per line)."""
 
@@ -116,7 +119,7 @@ def main(cfg: Config) -> int:
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     t0 = time.perf_counter()
     texts = api.generate_texts(model, tok, ids, cfg.max_new_tokens, params, [unescape(s) for s in cfg.stop], (),
-                               generator, stream, cfg.batch_size, counter)
+                               generator, stream, cfg.batch_size, counter, cfg.speculative)
     dt = time.perf_counter() - t0
     if single:
         sys.stdout.write("\n")
