@@ -1007,8 +1007,3 @@ def ngram_proposal(ids: Sequence[int], k: int, n_min: int, n_max: int) -> list[i
 
 def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
-
-
-def iter_outputs(engine: Engine) -> Iterable[list[SeqDelta]]:
-    while engine.has_unfinished():
-        yield engine.step()
