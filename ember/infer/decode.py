@@ -98,18 +98,6 @@ def fused_weight(linears: Sequence[nn.Module]) -> Optional[tuple[torch.Tensor, O
     return weight, torch.as_strided(biases[0], (n,), (1,), biases[0].storage_offset())
 
 
-def packed_linear(linears: Sequence[nn.Module], x: torch.Tensor,
-                  fused: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None) -> Optional[torch.Tensor]:
-    """x through the packed group `linears` as one product (outputs concatenated), or None when autograd
-    is on (the fused view would not route gradients to each weight) or the group is not packed.
-    `fused`: the group's views as `fused_views` recorded them (skips the layout check)."""
-    if torch.is_grad_enabled():
-        return None
-    if fused is None:
-        fused = fused_weight(linears)
-    return None if fused is None else decode_fused(x, *fused)
-
-
 @torch.no_grad()
 def _pack_group(linears: list[nn.Linear]) -> bool:
     if fused_weight(linears) is not None:
