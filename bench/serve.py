@@ -122,32 +122,6 @@ def run_ember(server, reqs, clients: int, arrival: str, rate: float) -> dict:
             "peak": max((u for _, u in kv_samples), default=0.0)}
 
 
-class Server:
-    def __init__(self, checkpoint: str, invariant: bool, max_seqs: int):
-        import uvicorn
-
-        from ember.infer.engine import EngineConfig
-        from ember.recipes.serve import Config, build
-
-        cfg = Config(checkpoint=checkpoint, max_queue=4096,
-                     engine=EngineConfig(batch_invariant=invariant, max_num_seqs=max_seqs))
-        self.app, self.runner, self.engine, self.name, _ = build(cfg)
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.runner.shutdown()
-
-
 # ----------------------------------------------------------------------------------- transformers
 @torch.inference_mode()
 def run_hf(hf, reqs, batch: int, pad_id: int) -> dict:
@@ -199,7 +173,11 @@ def main() -> None:
         sys.exit(f"bench/serve.py: no checkpoint at {args.checkpoint}. HINT: see the README's SmolLM2 section "
                  "(ember convert --from-gguf ...) or pass --checkpoint DIR.")
     print(machine_line())
-    server = Server(args.checkpoint, args.batch_invariant == "on", args.max_num_seqs)
+    from ember.infer.engine import EngineConfig
+    from ember.recipes.serve import Config, ServerThread
+
+    server = ServerThread(Config(checkpoint=args.checkpoint, max_queue=4096, engine=EngineConfig(
+        batch_invariant=args.batch_invariant == "on", max_num_seqs=args.max_num_seqs)))
     tok = server.engine.tokenizer
     reqs = workload(args.requests, args.max_prompt, args.max_output, tok.vocab_size)
     n_prompt, n_out = sum(len(p) for p, _ in reqs), sum(k for _, k in reqs)

@@ -5,8 +5,6 @@ full forward's log-softmax, and the server's own non-streamed answers."""
 import http.client
 import json
 import shutil
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,31 +19,15 @@ from ember.infer import api  # noqa: E402
 from ember.infer.engine import EngineConfig  # noqa: E402
 from ember.io.checkpoint import save_checkpoint  # noqa: E402
 from ember.models import Transformer, preset  # noqa: E402
-from ember.recipes.serve import Config, build  # noqa: E402
+from ember.recipes.serve import Config, ServerThread  # noqa: E402
 from ember.tokenizer import train_bpe  # noqa: E402
 
 TEXT = ["the quick brown fox jumps over the lazy dog. ", "hello world, hello there! ", "once upon a time "]
 KEYS = ["sk-one", "sk-two"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, cfg: Config):
-        self.app, self.runner, self.engine, self.name, _ = build(cfg)
-        self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "the server did not start"
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
+class Server(ServerThread):
+    """The server in a thread, with the clients the tests use."""
 
     def client(self, key=KEYS[0]):
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
@@ -69,10 +51,6 @@ class Server:
                 return float(line.split()[-1])
         raise KeyError(name)
 
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.runner.shutdown()
 
 
 @pytest.fixture(scope="module")

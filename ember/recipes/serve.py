@@ -93,6 +93,38 @@ def build(cfg: Config):
     return create_app(runner, tok, settings), runner, engine, name, keys
 
 
+class ServerThread:
+    """`ember serve` in a background thread of this process, on 127.0.0.1 and a free port (for tests,
+    benchmarks and notebooks): `.url`, `.port`, `.engine`, `.name`; `stop()` ends it cleanly."""
+
+    def __init__(self, cfg: Config, timeout: float = 60.0):
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        self.app, self.runner, self.engine, self.name, self.keys = build(cfg)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="ember-serve", daemon=True)
+        self.thread.start()
+        deadline = time.time() + timeout
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                self.stop()
+                raise EmberError(f"ember serve: the server did not start on port {self.port}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.runner.shutdown()
+
+
 def main(cfg: Config) -> None:
     import uvicorn
 
