@@ -350,7 +350,7 @@ def prometheus(runner: EngineRunner) -> str:
            eng.stats["spec_accepted"])
     lines += ["# HELP ember_request_finished_total Finished sequences by finish reason.",
               "# TYPE ember_request_finished_total counter"]
-    for reason, count in sorted(runner.finished_by_reason.items()):
+    for reason, count in sorted(runner.finished_by_reason.copy().items()):  # copy: the engine thread writes it
         lines.append(f'ember_request_finished_total{{finish_reason="{reason}"}} {count}')
     lines += ["# HELP ember_time_to_first_token_seconds Time from arrival to the first token.",
               "# TYPE ember_time_to_first_token_seconds histogram"]

@@ -170,7 +170,7 @@ class EngineRunner:
 
     # ------------------------------------------------------------------------------- metrics
     def tokens_per_second(self) -> float:
-        w = list(self._tok_window)
+        w = list(self._tok_window.copy())  # copy (atomic): the engine thread appends to it
         if len(w) < 2:
             return 0.0
         span = w[-1][0] - w[0][0]
