@@ -294,3 +294,16 @@ def test_serves_an_adapter_checkpoint_merged(ckpt, tmp_path):
         assert r.usage.prompt_tokens == len(tok.encode(prompt))
     finally:
         s.stop()
+
+
+def test_a_taken_port_is_a_clear_error_before_loading():
+    import socket
+
+    from ember.errors import EmberError
+    from ember.recipes.serve import check_port
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(EmberError, match="--port"):
+            check_port("127.0.0.1", s.getsockname()[1])

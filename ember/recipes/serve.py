@@ -125,9 +125,23 @@ class ServerThread:
         self.runner.shutdown()
 
 
+def check_port(host: str, port: int) -> None:
+    """Fail before loading the model when the address cannot be bound."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise EmberError(f"ember serve: cannot listen on {host}:{port} ({e.strerror}). "
+                         "HINT: another server holds the port; pick one with --port N.") from None
+
+
 def main(cfg: Config) -> None:
     import uvicorn
 
+    check_port(cfg.host, cfg.port)
     app, runner, engine, name, keys = build(cfg)
     if not keys and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         warn(f"serving on {cfg.host} without an API key: anyone who can reach it can use it. "
