@@ -266,3 +266,18 @@ def test_speculation_skips_sampled_requests_and_respects_max_tokens():
     before = eng.stats["spec_proposed"]
     eng.generate([p], RequestParams(max_tokens=7, temperature=0.8, seed=0))
     assert eng.stats["spec_proposed"] == before
+
+
+@pytest.mark.parametrize("speculative", ["ngram", "draft"])
+def test_speculation_in_a_nearly_full_pool_equals_plain(speculative):
+    """Several speculating sequences share a pool that cannot hold all their proposals (and forces
+    preemption): proposals shrink to fit, the tokens stay the plain greedy ones."""
+    m = _model("tiny-llama")
+    base = _prompts([10], seed=5)[0]
+    prompts = [base * 3, base[:7] * 4, base[3:] * 3, base * 2]
+    _, plain = _run(m, prompts, _greedy(20), num_blocks=40)
+    kw = dict(draft_model=_model("tiny-llama")) if speculative == "draft" else {}
+    eng = Engine(m, EngineConfig(block_size=8, num_blocks=24, speculative=speculative, num_speculative_tokens=4), **kw)
+    out = eng.generate(prompts, _greedy(20))
+    assert _tokens_and_logprobs(out) == _tokens_and_logprobs(plain)
+    assert eng.stats["spec_proposed"] > 0 and eng.pool.num_used == 0

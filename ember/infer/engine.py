@@ -587,22 +587,26 @@ class Engine:
         return max(0, k)
 
     def _propose(self, plan: list[tuple[Sequence_, int]]) -> dict[int, list[int]]:
-        """Proposed tokens per speculating sequence (blocks for them allocated)."""
-        want = [(s, k) for s, n in plan if (k := self._speculable(s, n)) > 0]
+        """Proposed tokens per speculating sequence, blocks for them allocated. Each sequence's room is
+        judged after the blocks the ones before it took, so proposals never outgrow the pool."""
         out: dict[int, list[int]] = {}
-        if self.cfg.speculative == "ngram":
-            for s, k in want:
+        want = []
+        for s, n in plan:
+            k = self._speculable(s, n)
+            if k <= 0:
+                continue
+            if self.cfg.speculative == "ngram":
                 d = ngram_proposal(s.ids, k, self.cfg.ngram_min, self.cfg.ngram_max)
                 if d:
+                    self._grow(s, 1 + len(d))
                     out[id(s)] = d
-        elif want:
-            for s, k in want:
-                self._grow(s, 1 + k)
+            else:
+                self._grow(s, 1 + k)  # the draft writes its KV for the proposals too
+                want.append((s, k))
+        if want:
             out = self._draft_proposals(want)
-        for s, _ in want:
-            if id(s) in out:
-                self._grow(s, 1 + len(out[id(s)]))
-                self.stats["spec_proposed"] += len(out[id(s)])
+        for d in out.values():
+            self.stats["spec_proposed"] += len(d)
         return out
 
     def _draft_proposals(self, want: list[tuple[Sequence_, int]]) -> dict[int, list[int]]:
