@@ -257,15 +257,36 @@ def test_speculative_decoding_equals_plain_greedy(invariant):
         assert eng.pool.num_used == 0
 
 
-def test_speculation_skips_sampled_requests_and_respects_max_tokens():
+def test_speculative_sampling_keeps_the_distribution():
+    """speculative_accept: whatever the proposal, each emitted token is distributed as the model's
+    probabilities (chi-square-style bound over 20,000 draws of a 5-way distribution)."""
+    from ember.infer.engine import speculative_accept
+
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    g = torch.Generator().manual_seed(0)
+    for proposal in ([0], [3], [4, 4]):  # a likely, an unlikely and a repeated proposal
+        counts = torch.zeros(5)
+        n = 20_000
+        for _ in range(n):
+            counts[speculative_accept([p] * (len(proposal) + 1), proposal, g)[0]] += 1
+        freq = counts / n
+        assert (freq - p).abs().max() < 0.015, (proposal, freq)
+
+
+def test_sampled_requests_speculate_reproducibly_within_max_tokens():
     m = _model("tiny-llama")
     p = (_prompts([6])[0]) * 5
+    run = lambda seed: Engine(m, EngineConfig(block_size=8, speculative="ngram")).generate(  # noqa: E731
+        [p], RequestParams(max_tokens=15, temperature=0.7, top_k=20, seed=seed, logprobs=0))[0].seqs[0]
+    a, b = run(3), run(3)
+    assert a.output == b.output and len(a.output) == 15 and len(a.logprobs) == 15
     eng = Engine(m, EngineConfig(block_size=8, speculative="ngram"))
-    r = eng.generate([p], RequestParams(max_tokens=7, temperature=0))[0]
-    assert len(r.seqs[0].output) == 7
-    before = eng.stats["spec_proposed"]
-    eng.generate([p], RequestParams(max_tokens=7, temperature=0.8, seed=0))
-    assert eng.stats["spec_proposed"] == before
+    eng.generate([p], RequestParams(max_tokens=15, temperature=0.7, seed=3))
+    assert eng.stats["spec_proposed"] > 0
+    # penalties depend on the tokens before each position: those requests decode one token at a time
+    eng = Engine(m, EngineConfig(block_size=8, speculative="ngram"))
+    eng.generate([p], RequestParams(max_tokens=15, temperature=0.7, seed=3, repetition_penalty=1.3))
+    assert eng.stats["spec_proposed"] == 0
 
 
 @pytest.mark.parametrize("speculative", ["ngram", "draft"])

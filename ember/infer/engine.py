@@ -87,8 +87,9 @@ class EngineConfig:
     batch_invariant: bool = True
     """Outputs independent of batch composition, prefix hits and preemptions (see the module docstring)."""
     speculative: Optional[str] = None
-    """Speculative decoding of greedy requests: "ngram" (proposals looked up in the sequence itself:
-    prompt lookup) or "draft" (proposals from a smaller draft model); None = off."""
+    """Speculative decoding: "ngram" (proposals looked up in the sequence itself: prompt lookup) or
+    "draft" (greedy proposals from a smaller draft model); None = off. Greedy requests get exactly
+    their plain output; sampled ones speculative sampling (the same distribution)."""
     num_speculative_tokens: int = 4
     """Tokens proposed per step and sequence."""
     ngram_max: int = 4
@@ -577,7 +578,7 @@ class Engine:
     def _speculable(self, s: Sequence_, n: int) -> int:
         """How many tokens to propose for s this step (0: none)."""
         p = s.request.params
-        if (n != 1 or s.n_computed != len(s.ids) - 1 or not s.output or p.temperature != 0
+        if (n != 1 or s.n_computed != len(s.ids) - 1 or not s.output
                 or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty):
             return 0
         k = min(self.cfg.num_speculative_tokens, p.max_tokens - len(s.output) - 1,
@@ -632,17 +633,30 @@ class Engine:
         return d
 
     def _verify(self, s: Sequence_, proposal: list[int], rows: list[torch.Tensor], deltas: dict) -> None:
-        """Greedy verification: keep the proposal's longest prefix that the model's own argmax agrees
-        with, then the model's next token; the result is exactly what plain greedy decoding gives."""
+        """Keep a prefix of the proposal, then one token of the model's own.
+
+        Greedy requests keep the longest prefix the model's argmax agrees with, then its argmax: exactly
+        plain greedy decoding. Sampled requests use speculative sampling for a deterministic proposal
+        (`speculative_accept`): each proposed token is kept with the model's probability of it, the
+        first rejected one is replaced by a draw from the model's distribution without it, and after a
+        fully kept proposal one more token is drawn; every token is then distributed as in plain sampling.
+        """
         raws = [self._masked(r) for r in rows]
-        target = [int(x.argmax()) for x in raws]
-        j = 0
-        while j < len(proposal) and proposal[j] == target[j]:
-            j += 1
+        sp = s.request.params.sampling()
+        if sp.greedy:
+            target = [int(x.argmax()) for x in raws]
+            j = 0
+            while j < len(proposal) and proposal[j] == target[j]:
+                j += 1
+            tokens = proposal[:j] + [target[j]]
+        else:
+            probs = [process_logits(x.view(1, -1), sp).softmax(-1).view(-1) for x in raws]
+            tokens = speculative_accept(probs, proposal, s.generator)
+            j = len(tokens) - 1
         self.stats["spec_accepted"] += j
-        s.n_computed += 1 + j  # the KV of the last token and of the j accepted ones is right
+        s.n_computed += 1 + j  # the KV of the last token and of the j kept ones is right
         s.draft_computed = min(s.draft_computed, s.n_computed)
-        for i, tok in enumerate(proposal[:j] + [target[j]]):
+        for i, tok in enumerate(tokens):
             if self._emit(s, tok, raws[i], deltas):
                 return
         self._name_full_blocks(s)
@@ -995,6 +1009,32 @@ class ModelRunner:
             mask = (torch.arange(ctx, device=q.device).view(1, -1) <= qp).view(1, 1, n, ctx)
             o = F.scaled_dot_product_attention(qs, K, V, attn_mask=mask, enable_gqa=gqa)  # (1, H, n, D)
             y[start:start + n] = o[0].transpose(0, 1).reshape(n, -1)
+
+
+def speculative_accept(probs: list[torch.Tensor], proposal: list[int],
+                       generator: Optional[torch.Generator]) -> list[int]:
+    """Speculative sampling for a deterministic proposal (prompt lookup, a greedy draft): `probs[i]` is
+    the model's distribution (V,) at proposal position i (one more than the proposal). Token i is kept
+    with probability probs[i][d_i]; the first rejected one is replaced by a draw from probs[i] with d_i
+    removed (renormalised), which makes each emitted token distributed exactly as probs[i]; a fully kept
+    proposal is followed by a draw from the last distribution. Returns the tokens to emit."""
+    out = []
+    for i, d in enumerate(proposal):
+        p = probs[i]
+        u = float(torch.rand((), generator=generator, device=p.device))
+        if u < float(p[d]):
+            out.append(d)
+            continue
+        rest = p.clone()
+        rest[d] = 0.0
+        total = float(rest.sum())
+        if total <= 0.0:  # all mass on d (cannot happen after a rejection, kept for rounding)
+            out.append(d)
+            return out
+        out.append(int(torch.multinomial(rest / total, 1, generator=generator)))
+        return out
+    out.append(int(torch.multinomial(probs[len(proposal)], 1, generator=generator)))
+    return out
 
 
 def ngram_proposal(ids: Sequence[int], k: int, n_min: int, n_max: int) -> list[int]:
