@@ -152,6 +152,15 @@ def create_app(runner: EngineRunner, tokenizer: Any, settings: ServerSettings):
             return P.BadRequest(item.error, None, 503, "server_error")
         return P.BadRequest(item.error.removeprefix("request: "))
 
+    def stream_chunk(cid: str, kind: str, choices: list, include_usage: bool, usage: Optional[dict]) -> dict:
+        """One streamed event body; with stream_options.include_usage every chunk has "usage" (null but
+        in the last one), as OpenAI sends it."""
+        out = {"id": cid, "object": kind, "created": int(time.time()), "model": settings.model_name,
+               "choices": choices}
+        if include_usage:
+            out["usage"] = usage
+        return out
+
     def sse(obj: dict) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -192,11 +201,7 @@ def create_app(runner: EngineRunner, tokenizer: Any, settings: ServerSettings):
         n = params.n
 
         def chunk(choices: list, usage: Optional[dict] = None) -> dict:
-            out = {"id": cid, "object": "text_completion", "created": int(time.time()),
-                   "model": settings.model_name, "choices": choices}
-            if include_usage:
-                out["usage"] = usage
-            return out
+            return stream_chunk(cid, "text_completion", choices, include_usage, usage)
 
         if stream:
             async def gen():
@@ -267,11 +272,7 @@ def create_app(runner: EngineRunner, tokenizer: Any, settings: ServerSettings):
         queues = submit_all([prompt], params, cid)
 
         def chunk(choices: list, usage: Optional[dict] = None) -> dict:
-            out = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
-                   "model": settings.model_name, "choices": choices}
-            if include_usage:
-                out["usage"] = usage
-            return out
+            return stream_chunk(cid, "chat.completion.chunk", choices, include_usage, usage)
 
         if stream:
             async def gen():
