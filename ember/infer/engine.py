@@ -321,11 +321,7 @@ class Engine:
                  draft_model: Optional[nn.Module] = None):
         self.cfg = (config or EngineConfig()).validate()
         bs = self.cfg.block_size
-        per_block = 2 * model.cfg.n_layer * bs * model.cfg.n_kv_head * model.cfg.head_dim * \
-            next(model.parameters()).element_size()
-        if draft_model is not None:
-            per_block += 2 * draft_model.cfg.n_layer * bs * draft_model.cfg.n_kv_head * draft_model.cfg.head_dim * \
-                next(draft_model.parameters()).element_size()
+        per_block = sum(kv_bytes_per_block(m, bs) for m in (model, draft_model) if m is not None)
         n = self.cfg.num_blocks or max(2, int(self.cfg.kv_memory_mb * 2 ** 20 // per_block))
         self.pool = BlockPool(n, bs)
         self.kv_bytes = n * per_block
@@ -349,7 +345,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "cached_tokens": 0,
-                      "preemptions": 0, "requests_finished": 0, "spec_proposed": 0, "spec_accepted": 0}
+                      "preemptions": 0, "spec_proposed": 0, "spec_accepted": 0}
 
     # ------------------------------------------------------------------------------ requests
     @property
@@ -434,8 +430,6 @@ class Engine:
         if s in self.running:
             self.running.remove(s)
         self._free_blocks(s)
-        if s.request.finished:
-            self.stats["requests_finished"] += 1
 
     def _preempt(self, s: Sequence_) -> None:
         self.running.remove(s)
@@ -542,7 +536,7 @@ class Engine:
             tokens.extend(s.ids[s.n_computed:s.n_computed + n])
             tokens.extend(extra)
             positions.extend(pos)
-            slots.append(self.runner.slots(s, s.n_computed + m)[s.n_computed:])
+            slots.append(self.runner.slots(s, s.n_computed + m, s.n_computed))
             segments.append((start, m, s.n_computed + m, s))
             req = s.request
             if req.prompt_logprobs is not None and s.index == 0 and s.n_computed < s.n_prompt:
@@ -623,7 +617,7 @@ class Engine:
                 start = len(tokens)
                 tokens.extend(seq[a:b])
                 positions.extend(range(a, b))
-                slots.append(self.draft.slots(s, b)[a:])
+                slots.append(self.draft.slots(s, b, a))
                 segments.append((start, b - a, b, s))
                 rows.append(start + b - a - 1)
             logits = self.draft.forward(tokens, positions, slots, segments, rows)
@@ -814,6 +808,12 @@ class Engine:
 
 
 # ------------------------------------------------------------------------------ the model runner
+def kv_bytes_per_block(model: nn.Module, block_size: int) -> int:
+    """Bytes one KV block takes for `model`: keys and values of every layer, in the weights' dtype."""
+    c = model.cfg
+    return 2 * c.n_layer * block_size * c.n_kv_head * c.head_dim * next(model.parameters()).element_size()
+
+
 class ModelRunner:
     """One model and its paged KV cache: runs a step's flattened tokens (the engine has one for the
     model it serves and one for a draft model). Block ids and slots are the engine's, so a draft's
@@ -849,7 +849,6 @@ class ModelRunner:
         self.row_multiple = invariant_rows(
             (mcfg.n_embd, mcfg.ffn_hidden, self.H * self.D, self.K * self.D, model.output.out_features),
             torch.get_num_threads())
-        self.bytes_per_block = 2 * mcfg.n_layer * block_size * self.K * self.D * p.element_size()
         slots = num_blocks * block_size
         # never read before written: a sequence attends over its own written slots only
         self.k_cache = [torch.empty(slots, self.K, self.D, dtype=self.dtype, device=self.device)
@@ -939,11 +938,13 @@ class ModelRunner:
             return self._linear(mlp.w2, F.gelu(self._linear(mlp.w1, x), approximate="tanh"))
         return mlp(x)
 
-    def slots(self, s: Sequence_, n: int) -> torch.Tensor:
-        """Cache slots of s's first n positions (n,)."""
+    def slots(self, s: Sequence_, stop: int, start: int = 0) -> torch.Tensor:
+        """Cache slots of s's positions start..stop-1 (stop - start,)."""
         bs = self.bs
-        table = torch.tensor(s.blocks[: (n + bs - 1) // bs], device=self.device)
-        return (table.view(-1, 1) * bs + torch.arange(bs, device=self.device)).view(-1)[:n]
+        first = start // bs
+        table = torch.tensor(s.blocks[first: (stop + bs - 1) // bs], device=self.device)
+        flat = (table.view(-1, 1) * bs + torch.arange(bs, device=self.device)).view(-1)
+        return flat[start - first * bs: stop - first * bs]
 
     def source(self, s: Sequence_, ctx: int):
         """Where s's first ctx keys and values lie: the first slot (an int) when its blocks are consecutive

@@ -38,14 +38,14 @@ def check_fits(model: nn.Module, prompt_len: int, max_new_tokens: int) -> None:
 
 def offline_engine(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                    stop_ids: Sequence[int] = (), vocab_limit: Optional[int] = None,
-                   tokenizer=None, speculative: Optional[str] = None) -> Engine:
+                   speculative: Optional[str] = None) -> Engine:
     """An engine whose KV pool holds exactly these prompts and their new tokens, all running at once
     (plus room for speculative proposals)."""
     room = max_new_tokens + (BLOCK if speculative else 0)
     blocks = sum(math.ceil((len(p) + room) / BLOCK) for p in prompts)
     cfg = EngineConfig(block_size=BLOCK, num_blocks=max(2, blocks), max_num_seqs=max(1, len(prompts)),
                        max_num_batched_tokens=2048, batch_invariant=False, speculative=speculative)
-    return Engine(model, cfg, tokenizer=tokenizer, eos_ids=stop_ids, vocab_limit=vocab_limit)
+    return Engine(model, cfg, eos_ids=stop_ids, vocab_limit=vocab_limit)
 
 
 def _seeds(n: int, generator: Optional[torch.Generator]) -> list[Optional[int]]:
