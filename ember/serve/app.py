@@ -191,7 +191,7 @@ def create_app(runner: EngineRunner, tokenizer: Any, settings: ServerSettings):
             prompts = P.completion_prompts(body, tokenizer)
             params = P.sampling_params(body, limits, chat=False, prompt_len=max(len(p) for p in prompts))
             echo = bool(body.get("echo"))
-            stream = bool(P._get(body, "stream", (bool,), False))
+            stream = bool(P.get_field(body, "stream", (bool,), False))
             include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
             admit(len(prompts))
         except P.BadRequest as e:
@@ -263,7 +263,7 @@ def create_app(runner: EngineRunner, tokenizer: Any, settings: ServerSettings):
             prompt = P.chat_prompt(body, tokenizer)
             params = P.sampling_params(body, limits, chat=True, prompt_len=len(prompt))
             params.stop = tuple(params.stop) + NEW_TURN  # a model that opens a new turn has ended its reply
-            stream = bool(P._get(body, "stream", (bool,), False))
+            stream = bool(P.get_field(body, "stream", (bool,), False))
             include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
             admit(1)
         except P.BadRequest as e:

@@ -38,7 +38,7 @@ class Limits:
 _NUM = (int, float)
 
 
-def _get(body: dict, name: str, kinds: tuple, default: Any = None, *, nullable: bool = True) -> Any:
+def get_field(body: dict, name: str, kinds: tuple, default: Any = None, *, nullable: bool = True) -> Any:
     if name not in body or (body[name] is None and nullable):
         return default
     v = body[name]
@@ -67,12 +67,12 @@ def sampling_params(body: dict, limits: Limits, chat: bool, prompt_len: int) -> 
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type", "text") != "text"):
         raise BadRequest("'response_format': only {\"type\": \"text\"} is supported.", "response_format")
-    max_tokens = _get(body, "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens",
+    max_tokens = get_field(body, "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens",
                       (int,), None)
     if max_tokens is None:
         max_tokens = 16 if not chat else max(0, min(limits.max_tokens, limits.context - prompt_len))
-    n = _get(body, "n", (int,), 1)
-    best_of = _get(body, "best_of", (int,), None)
+    n = get_field(body, "n", (int,), 1)
+    best_of = get_field(body, "best_of", (int,), None)
     if best_of is not None and best_of != n:
         raise BadRequest("'best_of' different from 'n' is not supported.", "best_of")
     if not 1 <= n <= limits.max_n:
@@ -84,38 +84,38 @@ def sampling_params(body: dict, limits: Limits, chat: bool, prompt_len: int) -> 
         stop = [stop]
     elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)) or len(stop) > 16:
         raise BadRequest("'stop' must be a string or a list of at most 16 strings.", "stop")
-    stop_ids = _get(body, "stop_token_ids", (list,), [])
+    stop_ids = get_field(body, "stop_token_ids", (list,), [])
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in stop_ids):
         raise BadRequest("'stop_token_ids' must be a list of integers.", "stop_token_ids")
-    top_k = _get(body, "top_k", (int,), None)
+    top_k = get_field(body, "top_k", (int,), None)
     if top_k is not None and top_k < 0:  # vLLM: -1 (or 0) = off
         if top_k != -1:
             raise BadRequest(f"'top_k' must be -1 (off) or >= 0, got {top_k}.", "top_k")
         top_k = None
     if chat:
-        want = _get(body, "logprobs", (bool,), False)
-        top = _get(body, "top_logprobs", (int,), None)
+        want = get_field(body, "logprobs", (bool,), False)
+        top = get_field(body, "top_logprobs", (int,), None)
         if top is not None and not want:
             raise BadRequest("'top_logprobs' needs 'logprobs': true.", "top_logprobs")
         logprobs = (top or 0) if want else None
     else:
-        logprobs = _get(body, "logprobs", (int,), None)
-    echo = bool(_get(body, "echo", (bool,), False)) if not chat else False
-    prompt_logprobs = _get(body, "prompt_logprobs", (int,), None)
+        logprobs = get_field(body, "logprobs", (int,), None)
+    echo = bool(get_field(body, "echo", (bool,), False)) if not chat else False
+    prompt_logprobs = get_field(body, "prompt_logprobs", (int,), None)
     if echo and logprobs is not None:
         prompt_logprobs = logprobs
     params = RequestParams(
         max_tokens=max_tokens,
-        temperature=float(_get(body, "temperature", _NUM, 1.0)),
+        temperature=float(get_field(body, "temperature", _NUM, 1.0)),
         top_k=top_k or None,
-        top_p=float(_get(body, "top_p", _NUM, 1.0)),
-        min_p=float(_get(body, "min_p", _NUM, 0.0)),
-        repetition_penalty=float(_get(body, "repetition_penalty", _NUM, 1.0)),
-        presence_penalty=float(_get(body, "presence_penalty", _NUM, 0.0)),
-        frequency_penalty=float(_get(body, "frequency_penalty", _NUM, 0.0)),
-        seed=_get(body, "seed", (int,), None),
+        top_p=float(get_field(body, "top_p", _NUM, 1.0)),
+        min_p=float(get_field(body, "min_p", _NUM, 0.0)),
+        repetition_penalty=float(get_field(body, "repetition_penalty", _NUM, 1.0)),
+        presence_penalty=float(get_field(body, "presence_penalty", _NUM, 0.0)),
+        frequency_penalty=float(get_field(body, "frequency_penalty", _NUM, 0.0)),
+        seed=get_field(body, "seed", (int,), None),
         n=n, stop=tuple(stop), stop_token_ids=tuple(stop_ids),
-        ignore_eos=bool(_get(body, "ignore_eos", (bool,), False)),
+        ignore_eos=bool(get_field(body, "ignore_eos", (bool,), False)),
         logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     if not 0 <= max_tokens <= limits.max_tokens:
         raise BadRequest(f"'max_tokens' must be between 0 and {limits.max_tokens}, got {max_tokens}.", "max_tokens")
