@@ -21,6 +21,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("generate",): ("ember.recipes.generate", "generate text from a checkpoint"),
     ("chat",): ("ember.recipes.chat", "chat with a checkpoint interactively"),
     ("serve",): ("ember.recipes.serve", "serve a checkpoint over an OpenAI-compatible HTTP API"),
+    ("evaluate",): ("ember.recipes.evaluate", "score a checkpoint on tasks: MMLU, perplexity, QA, HumanEval, safety"),
     ("convert",): ("ember.recipes.convert", "convert checkpoints to/from Hugging Face format"),
     ("reward", "train"): ("ember.recipes.reward_train", "train a reward model on preference pairs"),
     ("reward", "score"): ("ember.recipes.reward_score", "score prompt + completion pairs with a reward model"),
@@ -35,6 +36,7 @@ def _usage() -> str:
     width = max(len(" ".join(k)) for k in COMMANDS)
     lines = ["usage: ember <command> [--config FILE] [--a.b=value ...]", "", "commands:"]
     lines += [f"  {' '.join(k):<{width}}  {summary}" for k, (_, summary) in COMMANDS.items()]
+    lines += [f"  {'lm-eval':<{width}}  lm-evaluation-harness's command line with --model ember (in process)"]
     lines += ["", "Run `ember <command> --help` for a command's options (with their defaults)."]
     return "\n".join(lines)
 
@@ -55,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         from ember import __version__
         print(f"ember {__version__}")
         return 0
+    if argv[0] == "lm-eval":  # lm-eval's own command line, with `--model ember` registered
+        try:
+            from ember.eval.harness import main as lm_eval_main
+        except ImportError as e:
+            print(f"ember lm-eval: needs lm-evaluation-harness ({e}). HINT: pip install lm-eval", file=sys.stderr)
+            return 1
+        return lm_eval_main(argv[1:])
     found = _match(argv)
     if found is None:
         subs = [" ".join(k) for k in COMMANDS if len(k) > 1 and k[0] == argv[0]]

@@ -136,6 +136,10 @@ class RequestParams:
     """Return the chosen token's logprob and this many top alternatives (0: the chosen one only)."""
     prompt_logprobs: Optional[int] = None
     """Also return logprobs of the prompt tokens (each given its prefix), with this many alternatives."""
+    prompt_logprobs_start: int = 1
+    """The first prompt position whose logprob is returned (earlier ones stay None). Scoring a
+    continuation after a shared context sets it to the context's length: the context's full blocks
+    may then come from the prefix cache (evaluation scores every choice of a question this way)."""
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
@@ -150,6 +154,7 @@ class RequestParams:
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "an integer in [0, 20]"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs",
              "an integer in [0, 20]"),
+            (self.prompt_logprobs_start >= 1, "prompt_logprobs_start", "an integer >= 1"),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -442,8 +447,8 @@ class Engine:
         """Take the cached blocks of s's longest named prefix (always leaving one token to compute)."""
         bs, parent = self.pool.block_size, None
         n_full = (len(s.ids) - 1) // bs  # the last token is always computed (its logits are needed)
-        if s.request.prompt_logprobs is not None:
-            n_full = 0  # prompt logprobs need every prompt position's logits
+        if s.request.prompt_logprobs is not None:  # scored positions need their logits computed
+            n_full = min(n_full, (s.request.params.prompt_logprobs_start - 1) // bs)
         for i in range(n_full):
             h = block_hash(parent, s.ids[i * bs:(i + 1) * bs])
             self.pool.queries += 1
@@ -540,8 +545,9 @@ class Engine:
             segments.append((start, m, s.n_computed + m, s))
             req = s.request
             if req.prompt_logprobs is not None and s.index == 0 and s.n_computed < s.n_prompt:
+                first = req.params.prompt_logprobs_start
                 for p in pos:  # the logits at position p score prompt token p + 1
-                    if p + 1 < s.n_prompt:
+                    if first <= p + 1 < s.n_prompt:
                         logit_rows.append((s, start + p - s.n_computed, "prompt", p + 1))
             if extra:
                 logit_rows += [(s, start + i, "spec", i) for i in range(m)]
