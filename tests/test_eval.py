@@ -7,6 +7,7 @@ HTTP (`ember serve` answered through lm-eval's `local-completions`); a killed ru
 """
 
 import gzip
+import importlib
 import json
 import math
 
@@ -186,7 +187,7 @@ def test_evaluate_end_to_end_batch_invariant_and_resumable(tiny, task_files, tmp
         m1.pop("seconds"), m8.pop("seconds")
         assert m1 == m8, label
     assert r1["mmlu"]["metrics"]["n"] == 10 and 0 <= r1["mmlu"]["metrics"]["acc"] <= 1
-    assert r1[f"humaneval"]["metrics"]["pass@1"] in (0.0, 1.0)
+    assert r1["humaneval"]["metrics"]["pass@1"] in (0.0, 1.0)
     assert (tmp_path / "b1" / "summary.png").stat().st_size > 1000
 
     # a killed run: the cache holds 4 of 10 MMLU items and a torn line; the rerun scores only the rest
@@ -275,7 +276,7 @@ def test_lm_eval_simple_evaluate_local_yaml_in_process_and_over_http(tiny, tmp_p
     pytest.importorskip("openai")
     from lm_eval.tasks import TaskManager
 
-    import ember.eval.harness  # noqa: F401  (registers --model ember)
+    assert "local-completions" in importlib.import_module("ember.eval.harness").BUILTIN_MODELS  # registers "ember"
     from ember.infer.engine import EngineConfig
     from ember.recipes.serve import Config as ServeConfig
     from ember.recipes.serve import ServerThread
@@ -311,3 +312,61 @@ def test_lm_eval_simple_evaluate_local_yaml_in_process_and_over_http(tiny, tmp_p
         for (la, _), (lb, _) in zip([x[0] for x in a], [x[0] for x in b]):
             assert la == pytest.approx(lb, abs=1e-5)
     assert res[1]["results"]["tiny_mc"]["acc,none"] == http["results"]["tiny_mc"]["acc,none"]
+
+
+# ------------------------------------------------------------------------------ contamination
+LONG_Q = ["Which of the following best describes the role of the mitochondria in a typical eukaryotic animal cell?",
+          "A farmer plants three rows of corn and two rows of beans in a field that was left fallow for five years.",
+          "In the novel discussed in class, why does the narrator refuse to return to the village after the flood?"]
+
+
+def test_decontaminate_drops_planted_documents_and_evaluate_reports_overlap(tmp_path):
+    import lzma
+
+    from ember.data.bundled import ASSETS
+    from ember.eval.tasks import Settings, parse_tasks
+    from ember.recipes.data_prepare import Config as PrepCfg
+    from ember.recipes.data_prepare import main as prepare_main
+    from ember.recipes.evaluate import Config as EvalCfg
+    from ember.recipes.evaluate import contamination
+
+    mmlu = tmp_path / "mmlu.jsonl"
+    mmlu.write_text("".join(json.dumps({"question": q, "choices": ["a", "b", "c", "d"], "answer": 0}) + "\n"
+                            for q in LONG_Q + ["Too short to check?"]))
+    docs = [json.loads(line)["text"] for line in lzma.open(ASSETS / "tinyshakespeare.jsonl.xz", "rt").read().splitlines()[:30]]
+    docs[3] += "\n" + LONG_Q[0].upper() + " A. energy"  # case and punctuation do not hide a copy
+    docs[17] = LONG_Q[2][:-1] + ", asked the teacher.\n" + docs[17]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    common = dict(input=[str(tmp_path / "in.jsonl")], vocab_size=300, num_proc=1, progress=False)
+    assert prepare_main(PrepCfg(out=str(tmp_path / "dirty"), **common)) == 0
+    assert prepare_main(PrepCfg(out=str(tmp_path / "clean"), decontaminate=f"mmlu:{mmlu}", **common)) == 0
+    rep = json.loads((tmp_path / "clean" / "report.json").read_text())
+    assert rep["dropped"]["decontaminate:mmlu"]["docs"] == 2
+    dirty = json.loads((tmp_path / "dirty" / "report.json").read_text())
+    assert dirty["kept"]["docs"] == rep["kept"]["docs"] + 2
+
+    tasks = parse_tasks(f"mmlu:{mmlu}", Settings())
+    for data, want in (("dirty", 2), ("clean", 0)):
+        cfg = EvalCfg(contamination=str(tmp_path / data), progress=False)
+        r = contamination(cfg, tasks, splits=("train", "val"))[f"mmlu:{mmlu}"]
+        assert r["contaminated"] == want and r["checked"] == 4, r
+
+
+def test_perplexity_on_a_prepared_val_split_matches_the_rolling_sum(tiny_data, tmp_path):
+    from ember.data.shards import read_manifest
+    from ember.eval.tasks import Settings, parse_tasks
+    from ember.infer import api
+
+    m = read_manifest(tiny_data)
+    tok = api.load_tokenizer(tiny_data, {}, tiny_data / "tokenizer")
+    model = Transformer(preset("tiny-llama", block_size=64, vocab_size=m["vocab_size"]))
+    model.init_weights(1)
+    task = parse_tasks(f"ppl:{tiny_data}", Settings())[0]
+    docs = task.docs()
+    assert len(docs) == m["docs"]["val"]
+    sc = Scorer(model.eval(), tok, batch_size=4)
+    res = task.score(sc, docs)
+    agg = task.aggregate(res)
+    assert agg["tokens"] == m["tokens"]["val"] - m["docs"]["val"]  # every token but the EOS separators
+    ll = sum(sc.rolling([d.data["text"]])[0].logprob for d in docs)
+    assert agg["token_perplexity"] == pytest.approx(math.exp(-ll / agg["tokens"]))

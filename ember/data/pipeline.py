@@ -194,8 +194,10 @@ def _pool_results(cfg: PrepareConfig, docs: Iterator[str]) -> Iterator[tuple]:
                 budget.release()
 
 
-def clean_and_dedup(cfg: PrepareConfig, work: Path, report: Report, stats: ReadStats) -> int:
-    """Stage 1: write kept documents (in input order) to `work/clean.jsonl`; returns their count."""
+def clean_and_dedup(cfg: PrepareConfig, work: Path, report: Report, stats: ReadStats, decontam=None) -> int:
+    """Stage 1: write kept documents (in input order) to `work/clean.jsonl`; returns their count.
+    `decontam` (a data.decontam.NgramIndex): documents sharing an n-gram with an evaluation item are
+    dropped as "decontaminate:<task>" (the first task in name order)."""
     from tqdm import tqdm
 
     deduper = Deduper(cfg.dedup)
@@ -205,6 +207,9 @@ def clean_and_dedup(cfg: PrepareConfig, work: Path, report: Report, stats: ReadS
     with open(work / "clean.jsonl", "w", encoding="utf-8") as f:
         for reason, text, nbytes, pii, digest, values in _pool_results(cfg, docs):
             bar.update(1)
+            if reason is None and decontam is not None:
+                hit = decontam.sources(text)
+                reason = f"decontaminate:{min(hit)}" if hit else None
             if reason is None:
                 reason = deduper.check(digest, values)
             if reason:
@@ -316,10 +321,11 @@ def _install(build: Path, out: Path) -> None:
     shutil.rmtree(build, ignore_errors=True)
 
 
-def prepare(cfg: PrepareConfig, manifest_extra: dict | None = None) -> dict:
+def prepare(cfg: PrepareConfig, manifest_extra: dict | None = None, decontam=None) -> dict:
     """Run the whole pipeline into `cfg.out`; returns the manifest (with the report in it).
 
-    `manifest_extra`: more keys for manifest.json (e.g. the bundled corpus's fingerprint)."""
+    `manifest_extra`: more keys for manifest.json (e.g. the bundled corpus's fingerprint).
+    `decontam`: an NgramIndex of evaluation items whose overlapping documents are dropped."""
     from ember.config import to_dict
 
     if not cfg.input:
@@ -333,7 +339,7 @@ def prepare(cfg: PrepareConfig, manifest_extra: dict | None = None) -> dict:
     work.mkdir()
     report, stats, t0 = Report(), ReadStats(), time.perf_counter()
     try:
-        n_docs = clean_and_dedup(cfg, work, report, stats)
+        n_docs = clean_and_dedup(cfg, work, report, stats, decontam)
         report.read_stats(stats)
         if stats.docs == 0:
             raise EmberError(f"{', '.join(cfg.input)}: empty input (no documents). HINT: check the files")

@@ -19,11 +19,16 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import lm_eval.models  # noqa: F401  (registers lm-eval's own models first: the registry loads them
-from lm_eval.api.model import LM  # only while it is empty, and registering "ember" would end that)
+import lm_eval.models
+from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from ember.errors import EmberError
+
+
+# lm-eval registers its own models when its registry is first read while still empty; registering
+# "ember" first would hide them (local-completions, hf, ...), so they are registered before.
+BUILTIN_MODELS = tuple(lm_eval.models.MODEL_MAPPING)
 
 
 @register_model("ember")

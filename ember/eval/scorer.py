@@ -77,7 +77,7 @@ class Scorer:
     batch_size: sequences the engine runs at once (scores do not depend on it)."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, batch_size: int = 8, kv_memory_mb: float = 256.0,
-                 max_num_batched_tokens: int = 1024, eos_ids: Sequence[int] = ()):
+                 max_num_batched_tokens: int = 1024, eos_ids: Sequence[int] = (), kv_block_size: int = 8):
         if batch_size < 1:
             raise EmberError(f"evaluate: batch_size={batch_size} must be >= 1.")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -91,7 +91,7 @@ class Scorer:
             raise EmberError("evaluate: the tokenizer has neither a BOS nor an EOS token to condition an empty "
                              "context on. HINT: set bos_token or eos_token in the tokenizer's ember.json.")
         self.eos_ids = tuple(eos_ids) or ((eos,) if eos is not None else ())
-        cfg = EngineConfig(block_size=16, kv_memory_mb=kv_memory_mb, max_num_seqs=batch_size,
+        cfg = EngineConfig(block_size=kv_block_size, kv_memory_mb=kv_memory_mb, max_num_seqs=batch_size,
                            max_num_batched_tokens=max(max_num_batched_tokens, self.block_size),
                            prefix_caching=True, batch_invariant=True)
         self.engine = Engine(model, cfg, tokenizer=tokenizer, eos_ids=self.eos_ids)

@@ -126,6 +126,10 @@ class Task:
     def aggregate(self, results: list[dict]) -> dict:
         raise NotImplementedError
 
+    def texts(self, docs: list[Doc]) -> list[str]:
+        """Each item's text as a training set could contain it (for contamination checks)."""
+        return [" ".join(str(v) for v in d.data.values() if isinstance(v, str)) for d in docs]
+
     def fingerprint(self) -> dict:
         """What the cached per-item results depend on (besides the model)."""
         s = self.settings
@@ -178,6 +182,9 @@ class MultipleChoice(Task):
             agg["groups"] = {g: {"acc": _mean([r["acc"] for r in results if r["group"] == g]),
                                  "n": sum(1 for r in results if r["group"] == g)} for g in groups}
         return agg
+
+    def texts(self, docs: list[Doc]) -> list[str]:
+        return [d.data["context"] + d.data["choices"][d.data["gold"]] for d in docs]
 
     def with_fewshot(self, docs: list[Doc]) -> list[Doc]:
         if self.settings.num_fewshot > 0:
@@ -308,8 +315,10 @@ class BigBench(MultipleChoice):
 
 # ------------------------------------------------------------------------------- perplexity
 class Perplexity(Task):
-    """Perplexity of documents: a .txt file (one document), a .jsonl file ("text" per row), or a
-    directory of token shards (a prepared dataset's val split, or a run directory's held-out split).
+    """Perplexity of documents: a .txt file (one document), a .jsonl file ("text" per row), or the
+    held-out split of a prepared dataset (its directory) or of the data a run trained on (the run
+    directory); shard documents are decoded with the dataset's tokenizer and scored as text, so any
+    model can be compared on them.
     Every token is predicted once over windows of the model's context (`--ppl-stride S`: sliding
     windows that predict S new tokens each, after max_len - S tokens of context)."""
 
@@ -333,19 +342,48 @@ class Perplexity(Task):
         return _limit(docs, self.settings.limit)
 
     def _shard_docs(self, p: Path) -> list[Doc]:
-        from ember.data.shards import read_shard
+        """The val split of a prepared dataset (manifest.json) or of the data a run trained on (its
+        config.yaml), cut into its documents (each shard is [EOS] doc [EOS] doc ...)."""
+        import numpy as np
 
-        cand = [p / "val", p / "data" / "val", p] if not (p / "ember.json").exists() else [p / "val"]
-        for c in cand:
-            shards = sorted(c.glob("*.bin")) if c.is_dir() else []
-            if shards:
-                break
+        from ember.data.shards import read_manifest, read_shard
+
+        if (p / "manifest.json").exists():
+            data_dir = p
+        elif (p / "config.yaml").exists():
+            import yaml
+
+            run_cfg = yaml.safe_load((p / "config.yaml").read_text(encoding="utf-8")) or {}
+            dd = (run_cfg.get("data") or {}).get("data_dir")
+            if dd is None:
+                from ember.data.bundled import prepare_default
+
+                dd = prepare_default()
+            data_dir = Path(dd)
         else:
-            raise EmberError(f"task ppl: {p} holds no token shards (*.bin) in val/ or itself.")
-        docs = []
-        for s in shards:
-            toks = read_shard(s, verify=True).tolist()
-            docs.append(Doc(s.name, {"tokens": toks}))
+            raise EmberError(f"task ppl: {p} is neither a prepared dataset (manifest.json) nor a run directory "
+                             "(config.yaml). HINT: ppl:FILE.txt, ppl:FILE.jsonl, ppl:DATA_DIR or ppl:RUN_DIR")
+        from ember.data.shards import tokenizer_dir
+        from ember.tokenizer import Tokenizer
+
+        m = read_manifest(data_dir)
+        tdir = tokenizer_dir(data_dir)
+        if tdir is None:
+            raise EmberError(f"task ppl: {data_dir} has no tokenizer/ to decode its documents with.")
+        tok = Tokenizer.load(tdir)
+        entries = m["splits"].get("val") or []
+        if not entries:
+            raise EmberError(f"task ppl: {data_dir} has no val split. HINT: prepare it with --split.val-fraction > 0")
+        toks = np.concatenate([read_shard(data_dir / e["file"], sha256=e.get("sha256")) for e in entries]).astype(np.int64)
+        eos = int(m["eos_id"])
+        cuts = np.flatnonzero(toks == eos).tolist() + [len(toks)]
+        docs, prev = [], None
+        for c in cuts:
+            if prev is not None and c - prev > 1:
+                # as text: the model may use another tokenizer than the dataset (word and byte
+                # perplexity do not depend on it)
+                docs.append(Doc(str(len(docs)), {"text": tok.decode(toks[prev + 1:c].tolist())}))
+            prev = c
         return docs
 
     def fingerprint(self) -> dict:
@@ -357,13 +395,8 @@ class Perplexity(Task):
         context_len = 1 if not stride else ml - min(stride, ml) + 1
         out = []
         for d in docs:
-            if "tokens" in d.data:
-                eos = getattr(scorer.tokenizer, "eos_id", None)
-                toks = d.data["tokens"]
-                text = scorer.tokenizer.decode([t for t in toks if t != eos])
-            else:
-                text = d.data["text"]
-                toks = scorer.encode(text)
+            text = d.data["text"]
+            toks = scorer.encode(text)
             ll = scorer.rolling_tokens([toks], context_len)[0]
             out.append({"id": d.id, "ll": ll.logprob, "tokens": ll.n_tokens, "words": M.count_words(text),
                         "bytes": len(text.encode("utf-8"))})
@@ -400,6 +433,9 @@ class QA(Task):
             docs.append(Doc(str(i), {"question": str(r["question"]).strip(), "answers": ans}))
         self._all = docs
         return _limit(docs, self.settings.limit)
+
+    def texts(self, docs: list[Doc]) -> list[str]:
+        return [d.data["question"] + " " + d.data["answers"][0] for d in docs]
 
     def prompt(self, d: int) -> str:
         s, docs = self.settings, self._all
@@ -465,6 +501,9 @@ class HumanEval(Task):
             _need(r, ("task_id", "prompt", "test", "entry_point"), f"{path}:{i + 1}")
             docs.append(Doc(str(r["task_id"]), r))
         return _limit(docs, self.settings.limit)
+
+    def texts(self, docs: list[Doc]) -> list[str]:
+        return [d.data["prompt"] + d.data.get("canonical_solution", "") for d in docs]
 
     def fingerprint(self) -> dict:
         s = self.settings

@@ -5,6 +5,7 @@ cache (`$EMBER_CACHE` or ~/.cache/ember, see ember.data.bundled), or into --out 
 Examples:
   ember data prepare --input notes.txt docs.jsonl.gz --out data/prepared/mine --vocab-size 8192
   ember data prepare --input corpus/ --out data/prepared/c --tokenizer data/prepared/mine/tokenizer --num-proc 2
+  ember data prepare --input web.jsonl --out data/prepared/web --decontaminate mmlu,humaneval
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ class Config(PrepareConfig):
     out: str = ""
     """Output directory: shards, manifest.json, report.json, tokenizer/. Required with --input;
     without --input (bundled corpus) it defaults to the ember cache."""
+    decontaminate: str = ""
+    """Evaluation tasks (as in `ember evaluate --tasks`) whose items must not appear in the training
+    data: a document sharing a --decontaminate-n word n-gram with any of their items is dropped
+    (counted per task in report.json as decontaminate:TASK)."""
+    decontaminate_n: int = 13
+    """Word n-gram length of the overlap test."""
+    eval_data_dir: str = "data/eval"
+    """Where named evaluation tasks look for their files (as ember evaluate --data-dir)."""
 
 
 def main(cfg: Config) -> int:
@@ -41,13 +50,27 @@ def main(cfg: Config) -> int:
         if not cfg.out:
             raise EmberError("--out is missing, expected the output directory. HINT: add --out data/prepared/NAME")
         log("config:", to_dict(cfg))
-        manifest = prepare(cfg)
+        manifest = prepare(cfg, decontam=decontamination_index(cfg) if cfg.decontaminate else None)
         out = cfg.out
     log(format_table(manifest["report"]))
     log(f"{out}: {manifest['tokens']['train']:,} train tokens in {len(manifest['splits']['train'])} shard(s), "
         f"{manifest['tokens']['val']:,} val tokens; vocab {manifest['vocab_size']}, eos {manifest['eos_id']}, "
         f"{manifest['dtype']} ({time.perf_counter() - t0:.1f} s)")
     return 0
+
+
+def decontamination_index(cfg: Config):
+    from ember.data.decontam import NgramIndex
+    from ember.eval.tasks import Settings, parse_tasks
+    from ember.log import log
+
+    tasks = parse_tasks(cfg.decontaminate, Settings(data_dir=cfg.eval_data_dir))
+    names = [t.name for t in tasks]
+    keys = names if len(set(names)) == len(names) else [t.label for t in tasks]  # short names when unique
+    index = NgramIndex({k: t.texts(t.docs()) for k, t in zip(keys, tasks)}, n=cfg.decontaminate_n)
+    log("decontaminating against " + ", ".join(f"{t}: {n} items ({index.short[t]} shorter than "
+                                                f"{index.n} words)" for t, n in index.items.items()))
+    return index
 
 
 # without --input the bundled corpus is prepared with fixed settings; only these apply to it

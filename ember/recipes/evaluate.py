@@ -64,6 +64,10 @@ class Config:
     """Items scored between cache writes."""
     fresh: bool = False
     """Ignore cached per-item results."""
+    contamination: Optional[str] = None
+    """A prepared dataset (ember data prepare --out DIR): report, per task, how many items share a
+    --contamination-n word n-gram with its train split."""
+    contamination_n: int = 13
     kv_memory_mb: float = 256.0
     """The engine's KV cache."""
     tokenizer: Optional[str] = None
@@ -174,6 +178,9 @@ def main(cfg: Config) -> int:
                     eos_ids=end_of_turn_ids(tok))
     t0 = time.perf_counter()
     results = run_tasks(cfg, scorer, tasks, out)
+    if cfg.contamination:
+        for label, rep in contamination(cfg, tasks).items():
+            results[label]["contamination"] = rep
     report = {"checkpoint": str(Path(cfg.checkpoint).resolve()), "config": asdict(cfg), "results": results,
               "seconds": round(time.perf_counter() - t0, 2)}
     out.mkdir(parents=True, exist_ok=True)
@@ -182,6 +189,23 @@ def main(cfg: Config) -> int:
     plot_summary(results, out / "summary.png", Path(cfg.checkpoint).resolve().name)
     log(f"wrote {out / 'results.json'} and {out / 'summary.png'}")
     return 0
+
+
+def contamination(cfg: Config, tasks, splits: tuple[str, ...] = ("train",)) -> dict:
+    from tqdm import tqdm
+
+    from ember.data.decontam import NgramIndex, overlap_report, prepared_texts
+
+    index = NgramIndex({t.label: t.texts(t.docs()) for t in tasks}, n=cfg.contamination_n)
+    import itertools
+
+    texts = itertools.chain.from_iterable(prepared_texts(cfg.contamination, s) for s in splits)
+    docs = tqdm(texts, desc="contamination", unit=" docs", disable=not cfg.progress, file=sys.stderr)
+    rep = overlap_report(index, docs)
+    for label, r in rep.items():
+        log(f"contamination {label}: {r['contaminated']} of {r['checked']} items share a {r['n']}-gram with "
+            f"{cfg.contamination} ({100 * r['rate']:.1f}%; {r['too_short']} items too short to check)")
+    return rep
 
 
 HEADLINE = ("acc", "acc_norm", "acc_ambig", "acc_disambig", "exact_match", "f1", "pass@1", "pass@10",
