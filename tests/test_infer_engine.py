@@ -86,26 +86,59 @@ def test_logprobs_equal_full_forward(name):
         assert all(len(x.top) == 2 for x in r.prompt_logprobs[1:])
 
 
-def test_batch_invariance_bitwise():
+@pytest.mark.parametrize("tile", [0, 16])
+def test_batch_invariance_bitwise(tile):
     """The contract: one request's greedy tokens AND logprobs are bit-identical alone, in a mixed batch
     with chunked prefill, after prefix-cache hits, and after preemption (a model wide enough that its
-    products take MKL's blocked paths)."""
+    products take MKL's blocked paths); with one query per attention call and with tiled attention."""
     m = _model("tiny-llama", n_embd=192, n_head=6, n_kv_head=2, n_layer=2, vocab_size=2048, block_size=256)
     prompts = _prompts([9, 70, 33, 120, 4, 51], vocab=2048)
-    alone = [_tokens_and_logprobs(_run(m, [p], _greedy(16), prefix_caching=False)[1])[0] for p in prompts]
+    alone = [_tokens_and_logprobs(_run(m, [p], _greedy(16), prefix_caching=False, attention_tile=tile)[1])[0]
+             for p in prompts]
     # all at once, small token budget (chunked prefill interleaved with decodes)
-    _, reqs = _run(m, prompts, _greedy(16), max_num_batched_tokens=24)
+    _, reqs = _run(m, prompts, _greedy(16), max_num_batched_tokens=24, attention_tile=tile)
     assert _tokens_and_logprobs(reqs) == alone
     # the same prompts again behind shared prefixes (prefix-cache hits), and in reverse order
-    eng = Engine(m, EngineConfig(block_size=8, max_num_batched_tokens=64))
+    eng = Engine(m, EngineConfig(block_size=8, max_num_batched_tokens=64, attention_tile=tile))
     eng.generate(prompts, _greedy(16))
     reqs = eng.generate(prompts[::-1], _greedy(16))
     assert eng.stats["cached_tokens"] > 0
     assert _tokens_and_logprobs(reqs) == alone[::-1]
     # a pool too small for all of them: preemption and recompute
-    eng, reqs = _run(m, prompts, _greedy(16), num_blocks=20, max_num_batched_tokens=64)
+    eng, reqs = _run(m, prompts, _greedy(16), num_blocks=20, max_num_batched_tokens=64, attention_tile=tile)
     assert eng.stats["preemptions"] > 0
     assert _tokens_and_logprobs(reqs) == alone
+
+
+def test_tiled_attention_rows_do_not_depend_on_the_row_count():
+    """What tiled attention relies on: SDPA with an explicit mask computes a query row the same way for
+    any row count >= 4 and whatever the other rows hold (key length fixed)."""
+    g = torch.Generator().manual_seed(0)
+    H, K, D, L = 9, 3, 64, 640
+    q = torch.randn(1, H, 32, D, generator=g)
+    k, v = torch.randn(1, K, L, D, generator=g), torch.randn(1, K, L, D, generator=g)
+    mask = torch.ones(1, 1, 32, L, dtype=torch.bool)
+    mask[..., 600:] = False
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)[:, :, 3]
+    for rows in (4, 5, 8, 16):
+        other = torch.randn(1, H, rows, D, generator=g)
+        other[:, :, 3] = q[:, :, 3]
+        got = F.scaled_dot_product_attention(other, k, v, attn_mask=mask[:, :, :rows], enable_gqa=True)[:, :, 3]
+        assert torch.equal(got, ref), rows
+
+
+def test_tiled_attention_logprobs_equal_full_forward():
+    m = _model("tiny-llama")
+    prompts = _prompts([7, 40])
+    _, reqs = _run(m, prompts, RequestParams(max_tokens=6, temperature=0, logprobs=0, prompt_logprobs=0),
+                   attention_tile=8)
+    for p, r in zip(prompts, reqs):
+        s = r.seqs[0]
+        with torch.inference_mode():
+            logp = F.log_softmax(m(torch.tensor([p + s.output]))[0].float(), dim=-1)
+        got = torch.tensor([x.logprob for x in r.prompt_logprobs[1:]] + [x.logprob for x in s.logprobs])
+        ids = torch.tensor(p[1:] + s.output).view(-1, 1)
+        torch.testing.assert_close(got, logp[:-1].gather(1, ids).view(-1), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(192, 576), (576, 192), (64, 2048), (96, 100)])

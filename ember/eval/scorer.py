@@ -8,6 +8,10 @@ whether the request was preempted. The same engine answers `/v1/completions` wit
 `ember evaluate`, the lm-eval adapter (eval/harness.py) and lm-eval's `local-completions` over
 `ember serve` see the same numbers.
 
+Prompts dominate scoring, so the engine runs its tiled batch-invariant attention (`attention_tile`,
+one attention call per 32 prompt positions instead of one per token): the numbers are those of
+every other batching under the same setting, bit for bit.
+
 Sharing a context across choices: the continuations of one context (the four answers of an MMLU
 question) are scored as separate requests, but the first one runs alone and the others are queued
 only once its prefill is done, so they take the context's full KV blocks from the prefix cache and
@@ -77,7 +81,8 @@ class Scorer:
     batch_size: sequences the engine runs at once (scores do not depend on it)."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, batch_size: int = 8, kv_memory_mb: float = 256.0,
-                 max_num_batched_tokens: int = 1024, eos_ids: Sequence[int] = (), kv_block_size: int = 8):
+                 max_num_batched_tokens: int = 1024, eos_ids: Sequence[int] = (), kv_block_size: int = 8,
+                 attention_tile: int = 32):
         if batch_size < 1:
             raise EmberError(f"evaluate: batch_size={batch_size} must be >= 1.")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -93,7 +98,7 @@ class Scorer:
         self.eos_ids = tuple(eos_ids) or ((eos,) if eos is not None else ())
         cfg = EngineConfig(block_size=kv_block_size, kv_memory_mb=kv_memory_mb, max_num_seqs=batch_size,
                            max_num_batched_tokens=max(max_num_batched_tokens, self.block_size),
-                           prefix_caching=True, batch_invariant=True)
+                           prefix_caching=True, batch_invariant=True, attention_tile=attention_tile)
         self.engine = Engine(model, cfg, tokenizer=tokenizer, eos_ids=self.eos_ids)
         self._rid = 0
 

@@ -3,11 +3,12 @@
 A task is named on the command line as `NAME` or `NAME:PATH` (`--tasks mmlu,ppl:notes.txt,humaneval`):
 
     kind               names                       items                                   metrics
-    multiple choice    mmlu, hellaswag, mc,        log-likelihood of each choice           acc, acc_norm
+    multiple choice    mmlu, mmlu_cloze,           log-likelihood of each choice           acc, acc_norm
+                       hellaswag, mc,
                        bigbench, hhh, bbq
     perplexity         ppl                         rolling windows over documents           token/word/byte ppl, bits/byte
     generation (QA)    qa                          greedy answer, optional chain of thought exact_match, f1
-    code               humaneval                   samples run in the sandbox              pass@k
+    code               humaneval, humaneval_chat   samples run in the sandbox              pass@k
     safety             refusal, leakage            chat answers / continuations            refusal rates, leak rate
 
 Every item has a stable id, so the driver (recipes/evaluate.py) can cache per-item results and resume.
@@ -198,36 +199,53 @@ def _mean(xs: list[float]) -> float:
 
 
 class MMLU(MultipleChoice):
-    """MMLU with lm-eval's prompt: "{question}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:", choices " A".." D".
+    """MMLU with lm-eval's prompt: "{question}\nA. ..\nB. ..\nC. ..\nD. ..\nAnswer:", choices " A".." D".
     Reads either layout: {question, choices: [4], answer: index} (the Hugging Face / lm-eval rows) or
     {question (choices already in it, ending "Answer:"), answer: letter} (the 1,000-question file of
-    the `evals` package)."""
+    the `evals` package). `mmlu_cloze` scores the answer texts instead of their letters
+    ("Question: {question}\nAnswer:" then " {choice}"; headline acc_norm, per byte), the formulation
+    small models are usually reported with: a model that cannot yet map letters to answers still shows
+    what it knows."""
+
+    cloze = False
 
     def docs(self) -> list[Doc]:
-        path = _find(self.path, self.settings, ("mmlu.jsonl", "samples-all-large.jsonl"), "mmlu",
+        path = _find(self.path, self.settings, ("mmlu.jsonl", "samples-all-large.jsonl"), self.name,
                      "put an MMLU JSONL file at data/eval/mmlu.jsonl (the README shows an offline one)")
         docs = []
         for i, row in enumerate(_read_jsonl(path)):
             where = f"{path}:{i + 1}"
             _need(row, ("question", "answer"), where)
             if "choices" in row:
-                ch = row["choices"]
-                q = row["question"].strip() + "\n" + "".join(f"{LETTERS[j]}. {c}\n" for j, c in enumerate(ch)) + "Answer:"
-                gold = int(row["answer"]) if not isinstance(row["answer"], str) else LETTERS.index(row["answer"].strip())
-                n = len(ch)
+                stem, ch = row["question"].strip(), [str(c) for c in row["choices"]]
+                a = row["answer"]
+                gold = LETTERS.index(a.strip()) if isinstance(a, str) and not a.strip().isdigit() else int(a)
             else:
                 q = row["question"].rstrip()
                 if not q.endswith("Answer:"):
                     raise EmberError(f"{where}: a question without 'choices' must list them and end with 'Answer:'.")
-                letters = re.findall(r"^([A-J])\. ", q, flags=re.MULTILINE)
-                n = len(letters) or 4
+                parts = re.split(r"^([A-J])\. ", q[: -len("Answer:")], flags=re.MULTILINE)
+                stem, ch = parts[0].strip(), [parts[k].strip() for k in range(2, len(parts), 2)]
+                if len(ch) < 2:
+                    raise EmberError(f"{where}: found no 'A. ...' choice lines in the question.")
                 a = str(row["answer"]).strip()
-                if a not in LETTERS[:n]:
-                    raise EmberError(f"{where}: answer {a!r} is not one of {', '.join(LETTERS[:n])}.")
+                if a not in LETTERS[:len(ch)]:
+                    raise EmberError(f"{where}: answer {a!r} is not one of {', '.join(LETTERS[:len(ch)])}.")
                 gold = LETTERS.index(a)
-            docs.append(Doc(f"{i}", {"context": q, "choices": [f" {LETTERS[j]}" for j in range(n)], "gold": gold},
-                            row.get("subject", "")))
+            if not 0 <= gold < len(ch):
+                raise EmberError(f"{where}: answer index {gold} is out of range for {len(ch)} choices.")
+            if self.cloze:
+                data = {"context": f"Question: {stem}\nAnswer:", "choices": [" " + c for c in ch], "gold": gold}
+            else:
+                q = stem + "\n" + "".join(f"{LETTERS[j]}. {c}\n" for j, c in enumerate(ch)) + "Answer:"
+                data = {"context": q, "choices": [f" {LETTERS[j]}" for j in range(len(ch))], "gold": gold}
+            docs.append(Doc(f"{i}", data, row.get("subject", "")))
         return _limit(self.with_fewshot(docs), self.settings.limit)
+
+
+class MMLUCloze(MMLU):
+    cloze = True
+    primary = "acc_norm"
 
 
 class JsonMC(MultipleChoice):
@@ -316,8 +334,8 @@ class BigBench(MultipleChoice):
 # ------------------------------------------------------------------------------- perplexity
 class Perplexity(Task):
     """Perplexity of documents: a .txt file (one document), a .jsonl file ("text" per row), or the
-    held-out split of a prepared dataset (its directory) or of the data a run trained on (the run
-    directory); shard documents are decoded with the dataset's tokenizer and scored as text, so any
+    held-out split of a prepared dataset (its directory), of the data a run trained on (the run
+    directory) or of the bundled corpus (`ppl:bundled`); shard documents are decoded with the dataset's tokenizer and scored as text, so any
     model can be compared on them.
     Every token is predicted once over windows of the model's context (`--ppl-stride S`: sliding
     windows that predict S new tokens each, after max_len - S tokens of context)."""
@@ -326,7 +344,12 @@ class Perplexity(Task):
 
     def docs(self) -> list[Doc]:
         if not self.path:
-            raise EmberError("task ppl: needs a file or directory: ppl:PATH (.txt, .jsonl with 'text', or token shards).")
+            raise EmberError("task ppl: needs a file or directory: ppl:PATH (.txt, .jsonl with 'text', a prepared "
+                             "dataset, a run directory, or 'bundled': the bundled corpus).")
+        if self.path == "bundled":
+            from ember.data.bundled import prepare_default
+
+            return _limit(self._shard_docs(Path(prepare_default())), self.settings.limit)
         p = Path(self.path)
         if not p.exists():
             raise EmberError(f"task ppl: {p} does not exist.")
@@ -472,7 +495,10 @@ class HumanEval(Task):
     """HumanEval: complete each function from its prompt (raw text, no chat template), stop at the
     Codex paper's stop sequences, run prompt + completion + the problem's tests + check(entry_point)
     in the sandbox (eval/sandbox.py); pass@k with the unbiased estimator for every k <= samples among
-    1, 10, 100."""
+    1, 10, 100. `humaneval_chat` (for instruction-tuned models) sends the prompt as a chat request
+    ("Complete the following Python function ..."), and the answer's first code block is the program:
+    the whole function when it defines the entry point (the prompt's imports kept), else the body
+    appended to the prompt."""
 
     kind, primary = "code", "pass@1"
     STOP = ("\nclass", "\ndef", "\n#", "\nif __name__", "\nprint(", "\n```")
@@ -508,20 +534,39 @@ class HumanEval(Task):
     def fingerprint(self) -> dict:
         s = self.settings
         return super().fingerprint() | {"samples": s.code_samples, "temperature": s.code_temperature,
-                                        "max_gen_tokens": s.max_gen_tokens}
+                                        "max_gen_tokens": s.max_gen_tokens, "chat": self.chat}
+
+    chat = False
+    INSTRUCTION = "Complete the following Python function. Answer with the whole function in a code block.\n\n"
+
+    def program(self, doc: Doc, completion: str) -> str:
+        d = doc.data
+        if self.chat:
+            code = extract_code(completion)
+            if re.search(rf"^\s*def {re.escape(d['entry_point'])}\s*\(", code, flags=re.MULTILINE):
+                imports = "".join(ln + "\n" for ln in d["prompt"].splitlines()
+                                  if ln.startswith(("import ", "from ")))
+                body = imports + code
+            else:
+                body = d["prompt"] + code
+        else:
+            body = d["prompt"] + completion
+        return body + "\n\n" + d["test"] + "\n" + f"check({d['entry_point']})\n"
 
     def score(self, scorer, docs: list[Doc]) -> list[dict]:
         from ember.eval.sandbox import run_programs
 
         s = self.settings
-        prompts = [scorer.encode(d.data["prompt"]) for d in docs]
-        texts = scorer.generate(prompts, s.max_gen_tokens, until=self.STOP, temperature=s.code_temperature,
+        if self.chat:
+            prompts = [scorer.tokenizer.encode_chat([{"role": "user", "content": self.INSTRUCTION + "```python\n"
+                                                      + d.data["prompt"] + "```"}]) for d in docs]
+            until: tuple = ()
+        else:
+            prompts = [scorer.encode(d.data["prompt"]) for d in docs]
+            until = self.STOP
+        texts = scorer.generate(prompts, s.max_gen_tokens, until=until, temperature=s.code_temperature,
                                 n=s.code_samples, seed=s.seed)
-        programs, owner = [], []
-        for d, samples in zip(docs, texts):
-            for t in samples:
-                programs.append(d.data["prompt"] + t + "\n\n" + d.data["test"] + "\n" + f"check({d.data['entry_point']})\n")
-                owner.append(d.id)
+        programs = [self.program(d, t) for d, samples in zip(docs, texts) for t in samples]
         outcomes = run_programs(programs, timeout=s.code_timeout, workers=s.code_workers)
         out, i = [], 0
         for d, samples in zip(docs, texts):
@@ -540,6 +585,16 @@ class HumanEval(Task):
         agg["n"] = len(results)
         agg["samples"] = n
         return agg
+
+
+class HumanEvalChat(HumanEval):
+    chat = True
+
+
+def extract_code(text: str) -> str:
+    """The first fenced code block of a chat answer (``` or ```python), else the whole answer."""
+    m = re.search(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", text, flags=re.DOTALL)
+    return m.group(1) if m else text
 
 
 # ---------------------------------------------------------------------------------- safety
@@ -622,8 +677,8 @@ class Leakage(Task):
 
 
 TASKS: dict[str, Callable[..., Task]] = {
-    "mmlu": MMLU, "hellaswag": JsonMC, "mc": JsonMC, "bigbench": BigBench, "hhh": BigBench, "bbq": BigBench,
-    "ppl": Perplexity, "qa": QA, "humaneval": HumanEval, "refusal": Refusal, "leakage": Leakage,
+    "mmlu": MMLU, "mmlu_cloze": MMLUCloze, "hellaswag": JsonMC, "mc": JsonMC, "bigbench": BigBench, "hhh": BigBench, "bbq": BigBench,
+    "ppl": Perplexity, "qa": QA, "humaneval": HumanEval, "humaneval_chat": HumanEvalChat, "refusal": Refusal, "leakage": Leakage,
 }
 
 

@@ -86,6 +86,12 @@ class EngineConfig:
     """Reuse the KV of full blocks whose prefix was computed before."""
     batch_invariant: bool = True
     """Outputs independent of batch composition, prefix hits and preemptions (see the module docstring)."""
+    attention_tile: int = 0
+    """Batch-invariant attention in tiles of this many query positions (a multiple of 4; 0: one query
+    per call). Prompts then take one attention call per tile instead of one per token (several times
+    faster prefill: what evaluation, which scores prompts, runs), and each decode step attends with
+    four query rows instead of one (slower decoding at long contexts). Outputs differ in the last bits
+    between settings, never between batchings under one setting."""
     speculative: Optional[str] = None
     """Speculative decoding: "ngram" (proposals looked up in the sequence itself: prompt lookup) or
     "draft" (greedy proposals from a smaller draft model); None = off. Greedy requests get exactly
@@ -109,6 +115,8 @@ class EngineConfig:
             raise EmberError(f"engine: speculative={self.speculative!r} must be 'ngram', 'draft' or None.")
         if self.speculative and not (self.num_speculative_tokens >= 1 and 1 <= self.ngram_min <= self.ngram_max):
             raise EmberError("engine: num_speculative_tokens must be >= 1 and 1 <= ngram_min <= ngram_max.")
+        if self.attention_tile < 0 or self.attention_tile % ROW_MULTIPLE:
+            raise EmberError(f"engine: attention_tile={self.attention_tile} must be 0 or a multiple of {ROW_MULTIPLE}.")
         if self.num_blocks is None and self.kv_memory_mb <= 0:
             raise EmberError(f"engine: kv_memory_mb={self.kv_memory_mb} must be > 0.")
         return self
@@ -330,7 +338,8 @@ class Engine:
         n = self.cfg.num_blocks or max(2, int(self.cfg.kv_memory_mb * 2 ** 20 // per_block))
         self.pool = BlockPool(n, bs)
         self.kv_bytes = n * per_block
-        self.runner = ModelRunner(model, n, bs, self.cfg.batch_invariant, self.cfg.pack, self.cfg.max_num_seqs)
+        self.runner = ModelRunner(model, n, bs, self.cfg.batch_invariant, self.cfg.pack, self.cfg.max_num_seqs,
+                                  self.cfg.attention_tile)
         self.model, self.device = model, self.runner.device
         self.draft: Optional[ModelRunner] = None
         if self.cfg.speculative == "draft":
@@ -338,7 +347,8 @@ class Engine:
                 raise EmberError("engine: speculative='draft' needs a draft model. HINT: ember serve --draft-checkpoint DIR.")
             if draft_model.cfg.vocab_size < model.cfg.vocab_size and vocab_limit is None and tokenizer is None:
                 raise EmberError("engine: the draft model's vocabulary is smaller than the model's.")
-            self.draft = ModelRunner(draft_model, n, bs, self.cfg.batch_invariant, False, self.cfg.max_num_seqs)
+            self.draft = ModelRunner(draft_model, n, bs, self.cfg.batch_invariant, False, self.cfg.max_num_seqs,
+                                     self.cfg.attention_tile)
         elif draft_model is not None:
             raise EmberError("engine: a draft model was given but speculative is not 'draft'.")
         self.tokenizer = tokenizer
@@ -826,7 +836,7 @@ class ModelRunner:
     cache is addressed through the same block tables as the target's."""
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, invariant: bool,
-                 pack: Optional[bool], max_num_seqs: int):
+                 pack: Optional[bool], max_num_seqs: int, tile: int = 0):
         mcfg = model.cfg
         if getattr(mcfg, "mask", "causal") != "causal" or getattr(model, "n_out", None) is not None:
             raise EmberError("engine: serves causal language models only (this checkpoint has "
@@ -837,6 +847,7 @@ class ModelRunner:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.invariant, self.bs = invariant, block_size
+        self.tile = tile if invariant else 0
         if pack is None:
             pack = p.device.type == "cpu" and not invariant and max_num_seqs <= PACK_MAX_SEQS
         if pack and invariant:
@@ -1002,6 +1013,9 @@ class ModelRunner:
             o = F.scaled_dot_product_attention(q[rows].unsqueeze(2), Kb, Vb, attn_mask=mask, enable_gqa=gqa)
             y[rows] = o.reshape(B, -1)
         for start, n, ctx, src in gathers["segments"]:
+            if self.tile:
+                self._attend_tiled(q, kc, vc, src, start, n, ctx, y)
+                continue
             K, V = self.context(kc, src, ctx), self.context(vc, src, ctx)  # (1, K, ctx, D)
             if n == 1 or self.invariant:
                 first = ctx - n  # position of the first query
@@ -1016,6 +1030,44 @@ class ModelRunner:
             mask = (torch.arange(ctx, device=q.device).view(1, -1) <= qp).view(1, 1, n, ctx)
             o = F.scaled_dot_product_attention(qs, K, V, attn_mask=mask, enable_gqa=gqa)  # (1, H, n, D)
             y[start:start + n] = o[0].transpose(0, 1).reshape(n, -1)
+
+
+    def _attend_tiled(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, src, start: int, n: int,
+                      ctx: int, y: torch.Tensor) -> None:
+        """Batch-invariant attention by tiles of T positions: the queries at positions [jT, jT + T) that
+        this step computes attend in one call, over keys padded with zeros to (j + 1) T and masked
+        causally, with the query rows padded to a multiple of 4 (at least 4). Every call that holds
+        position p then sees the same key length, the same memory layout (a fresh zero-padded copy)
+        and a row count >= 4, and the CPU kernel computes a row the same way for any row count >= 4
+        (checked in tests/test_infer_engine.py), so p's output does not depend on which other
+        positions of its tile came in the same call (a decode step, a prefill chunk, a prefix-cache
+        hit that starts mid-tile)."""
+        T, H, D, Kh = self.tile, self.H, self.D, self.K
+        gqa = H != Kh
+        first = ctx - n
+        Lmax = ((ctx - 1) // T + 1) * T
+        raw_k = kc[src:src + ctx] if isinstance(src, int) else kc[src]  # (ctx, Kh, D)
+        raw_v = vc[src:src + ctx] if isinstance(src, int) else vc[src]
+        kb, vb = raw_k.new_zeros(Lmax, Kh, D), raw_v.new_zeros(Lmax, Kh, D)
+        kb[:ctx], vb[:ctx] = raw_k, raw_v
+        keys = torch.arange(Lmax, device=q.device).view(1, -1)
+        p = first
+        while p < ctx:
+            j = p // T
+            hi = min((j + 1) * T, ctx)
+            r, L = hi - p, (j + 1) * T
+            M = max(ROW_MULTIPLE, _round_up(r, ROW_MULTIPLE))
+            qt = q.new_zeros(M, H, D)
+            qt[:r] = q[start + p - first: start + hi - first]
+            pos = torch.zeros(M, 1, dtype=torch.long, device=q.device)  # padding rows see key 0 only
+            pos[:r, 0] = torch.arange(p, hi, device=q.device)
+            mask = (keys[:, :L] <= pos).view(1, 1, M, L)
+            kt = kb[:L].unsqueeze(0).transpose(1, 2)  # (1, Kh, L, D): strides depend on L only
+            vt = vb[:L].unsqueeze(0).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qt.transpose(0, 1).unsqueeze(0), kt, vt, attn_mask=mask,
+                                               enable_gqa=gqa)  # (1, H, M, D)
+            y[start + p - first: start + hi - first] = o[0, :, :r].transpose(0, 1).reshape(r, -1)
+            p = hi
 
 
 def speculative_accept(probs: list[torch.Tensor], proposal: list[int],

@@ -4,8 +4,8 @@
     ember evaluate --checkpoint runs/smollm2 --tasks humaneval,refusal,hhh
     ember evaluate --checkpoint runs/pretrain/final --tasks ppl:runs/pretrain   # the run's held-out split
 
-Tasks (see ember/eval/tasks.py): mmlu, hellaswag:FILE, mc:FILE, bigbench:DIR, hhh, bbq, ppl:PATH,
-qa:FILE, humaneval, refusal, leakage:FILE. Every score comes from the inference engine with batch
+Tasks (see ember/eval/tasks.py): mmlu, mmlu_cloze, hellaswag:FILE, mc:FILE, bigbench:DIR, hhh, bbq,
+ppl:PATH, qa:FILE, humaneval, humaneval_chat, refusal, leakage:FILE. Every score comes from the inference engine with batch
 invariance on, so --batch-size changes the speed, never a number. Results go to OUT/results.json, a
 table on the terminal and OUT/summary.png; per-item results are cached in OUT/cache/, so a killed
 run continues where it stopped (--fresh recomputes).
@@ -34,8 +34,8 @@ class Config:
     checkpoint: str = ""
     """Checkpoint directory (ember pretrain / finetune / convert output; adapters are merged)."""
     tasks: str = ""
-    """Comma-separated tasks: mmlu, hellaswag:FILE, mc:FILE, bigbench:DIR, hhh, bbq, ppl:PATH, qa:FILE,
-    humaneval, refusal, leakage:FILE."""
+    """Comma-separated tasks: mmlu, mmlu_cloze, hellaswag:FILE, mc:FILE, bigbench:DIR, hhh, bbq, ppl:PATH,
+    qa:FILE, humaneval, humaneval_chat, refusal, leakage:FILE."""
     out: Optional[str] = None
     """Where results.json, summary.png and the per-item cache go (default CHECKPOINT/eval)."""
     limit: Optional[int] = None
@@ -137,15 +137,17 @@ def run_tasks(cfg: Config, scorer, tasks, out: Path) -> dict:
     for task in tasks:
         t0 = time.perf_counter()
         docs = task.docs()
+        # each cached result carries a hash of its item as scored (prompt, choices, few-shot examples)
+        h = {d.id: hashlib.sha256(json.dumps(d.data, sort_keys=True).encode()).hexdigest()[:16] for d in docs}
         cache = ItemCache(out / "cache" / f"{_slug(task.label)}.jsonl", mfp | task.fingerprint(), cfg.fresh)
-        todo = [d for d in docs if d.id not in cache.done]
+        todo = [d for d in docs if cache.done.get(d.id, {}).get("h") != h[d.id]]
         if len(todo) < len(docs):
             log(f"{task.label}: {len(docs) - len(todo)} of {len(docs)} items cached, scoring the other {len(todo)}")
         bar = tqdm(total=len(docs), initial=len(docs) - len(todo), desc=task.label, unit=" items",
                    disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
         for i in range(0, len(todo), max(1, cfg.chunk)):
             part = todo[i:i + cfg.chunk]
-            cache.add(task.score(scorer, part))
+            cache.add([r | {"h": h[r["id"]]} for r in task.score(scorer, part)])
             bar.update(len(part))
         bar.close()
         rows = [cache.done[d.id] for d in docs]
