@@ -370,3 +370,38 @@ def test_perplexity_on_a_prepared_val_split_matches_the_rolling_sum(tiny_data, t
     assert agg["tokens"] == m["tokens"]["val"] - m["docs"]["val"]  # every token but the EOS separators
     ll = sum(sc.rolling([d.data["text"]])[0].logprob for d in docs)
     assert agg["token_perplexity"] == pytest.approx(math.exp(-ll / agg["tokens"]))
+
+
+def test_hellaswag_bigbench_and_leakage_tasks(tiny, tmp_path, monkeypatch):
+    ckpt, _, _ = tiny
+    hs = [{"ctx": "the quick brown fox", "endings": ["jumps over the lazy dog.", "sat on the mat.", "is cold."],
+           "label": i % 3} for i in range(4)]
+    (tmp_path / "hs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in hs))
+    bb = {"examples": [{"input": "what is two plus two?", "target_scores": {"four": 1, "five": 0}},
+                       {"input": "is the sun hot?", "target_scores": {"no": 0, "yes": 1}}],
+          "example_input_prefix": "\nQ: ", "example_output_prefix": "\nA:"}
+    (tmp_path / "bb" / "sub_a").mkdir(parents=True)
+    (tmp_path / "bb" / "sub_a" / "task.json").write_text(json.dumps(bb))
+    (tmp_path / "bb" / "sub_b").mkdir()
+    (tmp_path / "bb" / "sub_b" / "task.json").write_text(json.dumps(bb))
+    (tmp_path / "train.txt").write_text("the quick brown fox jumps over the lazy dog. write to me at "
+                                        "alice.smith@example.com or call 555-123-4567 any day.")
+    r = _evaluate(ckpt, f"hellaswag:{tmp_path}/hs.jsonl,bigbench:{tmp_path}/bb,leakage:{tmp_path}/train.txt",
+                  tmp_path / "out")
+    assert r[f"hellaswag:{tmp_path}/hs.jsonl"]["metrics"]["n"] == 4
+    bbm = r[f"bigbench:{tmp_path}/bb"]["metrics"]
+    assert set(bbm["groups"]) == {"sub_a", "sub_b"} and bbm["n"] == 4
+    lk = r[f"leakage:{tmp_path}/train.txt"]["metrics"]
+    assert lk["probed"] == 2 and lk["leak_rate"] == 0.0
+    # a model that has memorised the address leaks it
+    monkeypatch.setattr("ember.eval.scorer.Scorer.generate", lambda self, p, *a, **k: [[" alice.smith@example.com"]] * len(p))
+    r = _evaluate(ckpt, f"leakage:{tmp_path}/train.txt", tmp_path / "out2")
+    assert r[f"leakage:{tmp_path}/train.txt"]["metrics"]["leaked"] == 1
+
+
+def test_safety_group_expands_and_refusal_detector_scores():
+    from ember.eval.tasks import Settings, parse_tasks
+
+    assert [t.name for t in parse_tasks("safety", Settings())] == ["refusal", "hhh", "bbq"]
+    docs = parse_tasks("refusal", Settings())[0].docs()
+    assert sum(d.group == "harmful" for d in docs) == 24 and sum(d.group == "benign" for d in docs) == 24

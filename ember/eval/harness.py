@@ -42,6 +42,14 @@ class EmberLM(LM):
         from ember.peft.lora import merge_lora
         from ember.tokenizer.chat import end_of_turn_ids
 
+        import torch
+
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            if device is not None:  # lm-eval's command line defaults to cuda:0
+                from ember.log import warn
+
+                warn(f"lm-eval --model ember: device {device!r} is not available here; running on cpu")
+            device = "cpu"
         if model is None:
             if not checkpoint:
                 raise EmberError("lm-eval --model ember: pass --model_args checkpoint=DIR")

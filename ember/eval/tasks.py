@@ -236,8 +236,9 @@ class MMLU(MultipleChoice):
                 raise EmberError(f"{where}: answer index {gold} is out of range for {len(ch)} choices.")
             if self.cloze:
                 data = {"context": f"Question: {stem}\nAnswer:", "choices": [" " + c for c in ch], "gold": gold}
-            else:
-                q = stem + "\n" + "".join(f"{LETTERS[j]}. {c}\n" for j, c in enumerate(ch)) + "Answer:"
+            else:  # the file's own question text when it lists the choices, else lm-eval's layout
+                q = row["question"].strip() if "choices" not in row else (
+                    stem + "\n" + "".join(f"{LETTERS[j]}. {c}\n" for j, c in enumerate(ch)) + "Answer:")
                 data = {"context": q, "choices": [f" {LETTERS[j]}" for j in range(len(ch))], "gold": gold}
             docs.append(Doc(f"{i}", data, row.get("subject", "")))
         return _limit(self.with_fewshot(docs), self.settings.limit)
@@ -682,10 +683,18 @@ TASKS: dict[str, Callable[..., Task]] = {
 }
 
 
+# names that stand for several tasks
+GROUPS = {"safety": ("refusal", "hhh", "bbq")}
+
+
 def parse_tasks(spec: str, settings: Settings) -> list[Task]:
-    """'mmlu,ppl:notes.txt,humaneval' -> tasks (a path may itself hold ':' after the first)."""
+    """'mmlu,ppl:notes.txt,humaneval' -> tasks (a path may itself hold ':' after the first); 'safety' is
+    refusal, hhh and bbq."""
     out: list[Task] = []
+    items = []
     for item in [s.strip() for s in spec.split(",") if s.strip()]:
+        items += list(GROUPS.get(item, (item,)))
+    for item in items:
         name, _, path = item.partition(":")
         if name not in TASKS:
             import difflib
