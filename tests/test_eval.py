@@ -73,6 +73,22 @@ def test_loglikelihood_equals_direct_log_softmax_and_is_batch_invariant(tiny):
     assert sc.engine.pool.hits > 0  # the long shared context came from the prefix cache
 
 
+def test_single_token_choices_share_one_request_and_equal_their_own_requests(tiny):
+    from ember.infer.engine import RequestParams
+
+    _, model, tok = tiny
+    sc = Scorer(model, tok, batch_size=4)
+    ctx = tok.encode("question: what is two plus two? answer:")
+    conts = [[t] for t in sorted(set(tok.encode(" four five six the")))[:4]]
+    shared = sc.loglikelihood_tokens([(ctx, c) for c in conts])
+    assert sc.engine.stats["prompt_tokens"] == len(ctx)  # one request over the context for all four
+    for c, ll in zip(conts, shared):
+        req = sc.engine.generate([ctx + c], RequestParams(max_tokens=0, prompt_logprobs=1,
+                                                          prompt_logprobs_start=len(ctx)))[0]
+        lp = req.prompt_logprobs[len(ctx)]
+        assert ll.logprob == lp.logprob and ll.is_greedy == (lp.top[0][0] == lp.token)  # bit-identical
+
+
 def test_encode_pair_moves_trailing_spaces_and_conditions_empty_context(tiny):
     _, model, tok = tiny
     sc = Scorer(model, tok)

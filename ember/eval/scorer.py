@@ -12,10 +12,12 @@ Prompts dominate scoring, so the engine runs its tiled batch-invariant attention
 one attention call per 32 prompt positions instead of one per token): the numbers are those of
 every other batching under the same setting, bit for bit.
 
-Sharing a context across choices: the continuations of one context (the four answers of an MMLU
-question) are scored as separate requests, but the first one runs alone and the others are queued
-only once its prefill is done, so they take the context's full KV blocks from the prefix cache and
-compute only the last partial block and their own tokens.
+Sharing a context across choices: single-token continuations of one context (the letters " A" ..
+" D" of an MMLU question) are read from one request over the context, which returns the next-token
+log-probabilities of those ids (`RequestParams.score_next`). Longer continuations are requests of
+their own, but the first one runs alone and the others are queued only once its prefill is done, so
+they take the context's full KV blocks from the prefix cache and compute only the last partial block
+and their own tokens.
 
 Semantics follow lm-evaluation-harness: a pair (context, continuation) is scored as the sum of the
 continuation tokens' log-probabilities given everything before them, `is_greedy` says whether each
@@ -169,16 +171,39 @@ class Scorer:
 
     @torch.inference_mode()
     def loglikelihood_tokens(self, pairs: Sequence[tuple[list[int], list[int]]], progress: Progress = None) -> list[LL]:
-        """Sum of log p(continuation | context) and is_greedy for each (context ids, continuation ids)."""
+        """Sum of log p(continuation | context) and is_greedy for each (context ids, continuation ids).
+
+        Single-token continuations of one context (the letters of a multiple-choice question) are read
+        from one request over the context (`score_next`); longer ones are requests of their own that
+        start after their context's first request is done, to find its KV blocks in the prefix cache.
+        Both give the numbers a request per pair would (the same rows, the same arithmetic)."""
         fitted = [self.fit(list(c), list(x)) for c, x in pairs]
-        unique: dict[tuple, int] = {}
         keys = [(tuple(ids), start) for ids, start in fitted]
+        unique: dict[tuple, int] = {}
         for k in keys:
             unique.setdefault(k, len(unique))
-        jobs, leaders, after = [], {}, {}
-        for j, (ids, start) in enumerate(unique):
+        jobs: list = []
+        kind: list[tuple] = []  # per job: ("next", ctx ids) or ("span", ids, start)
+        next_job: dict[tuple, int] = {}
+        leaders: dict[tuple, int] = {}
+        after: dict[int, int] = {}
+        where: dict[tuple, tuple[int, Optional[int]]] = {}  # unique key -> (job, token for "next")
+        bs = self.engine.pool.block_size
+        for ids, start in unique:
+            if len(ids) - start == 1 and start == len(ids) - 1:
+                ctx = ids[:start]
+                j = next_job.get(ctx)
+                if j is None:
+                    j = next_job[ctx] = len(jobs)
+                    jobs.append([list(ctx), set()])
+                    kind.append(("next",))
+                jobs[j][1].add(ids[start])
+                where[(ids, start)] = (j, ids[start])
+                continue
+            j = len(jobs)
             jobs.append((list(ids), RequestParams(max_tokens=0, prompt_logprobs=1, prompt_logprobs_start=start)))
-            bs = self.engine.pool.block_size
+            kind.append(("span", start))
+            where[(ids, start)] = (j, None)
             shared = (start - 1) // bs  # full blocks before the first scored position
             if shared:
                 key = ids[:shared * bs]
@@ -186,14 +211,22 @@ class Scorer:
                     after[j] = leaders[key]
                 else:
                     leaders[key] = j
+        for j, k in enumerate(kind):
+            if k[0] == "next":
+                ctx, toks = jobs[j]
+                jobs[j] = (ctx, RequestParams(max_tokens=0, score_next=tuple(sorted(toks))))
         reqs = self._run(jobs, after, progress)
-        results = []
-        for (ids, start), req in zip(unique, reqs):
-            lps = req.prompt_logprobs[start:]
-            total = math.fsum(lp.logprob for lp in lps)
-            greedy = all(lp.top and lp.top[0][0] == lp.token for lp in lps)
-            results.append(LL(total, greedy, len(lps)))
-        return [results[unique[k]] for k in keys]
+        results = {}
+        for key, (j, tok) in where.items():
+            req = reqs[j]
+            if tok is not None:
+                lp, greedy = req.next_logprobs[tok]
+                results[key] = LL(lp, greedy, 1)
+            else:
+                lps = req.prompt_logprobs[kind[j][1]:]
+                results[key] = LL(math.fsum(lp.logprob for lp in lps),
+                                  all(lp.top and lp.top[0][0] == lp.token for lp in lps), len(lps))
+        return [results[k] for k in keys]
 
     def loglikelihood(self, pairs: Sequence[tuple[str, str]], progress: Progress = None) -> list[LL]:
         return self.loglikelihood_tokens([self.encode_pair(c, x) for c, x in pairs], progress)

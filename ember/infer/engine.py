@@ -144,6 +144,10 @@ class RequestParams:
     """Return the chosen token's logprob and this many top alternatives (0: the chosen one only)."""
     prompt_logprobs: Optional[int] = None
     """Also return logprobs of the prompt tokens (each given its prefix), with this many alternatives."""
+    score_next: tuple[int, ...] = ()
+    """Token ids whose log-probability right after the whole prompt is returned in
+    `Request.next_logprobs` ({id: (logprob, is_argmax)}): evaluation scores the single-token choices
+    of a question (" A" .. " D") from one request over their shared context."""
     prompt_logprobs_start: int = 1
     """The first prompt position whose logprob is returned (earlier ones stay None). Scoring a
     continuation after a shared context sets it to the context's length: the context's full blocks
@@ -222,6 +226,7 @@ class Request:
         self.id, self.prompt, self.params = request_id, list(prompt), params
         self.seqs: list[Sequence_] = []
         self.prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
+        self.next_logprobs: Optional[dict[int, tuple[float, bool]]] = None
         self.arrived = time.perf_counter()
         self.first_token_at: Optional[float] = None
         self.cached_tokens = 0
@@ -403,7 +408,11 @@ class Engine:
                 stream = TextStream(self.tokenizer, params.stop, skip_ids=self.eos_ids)
             req.seqs.append(Sequence_(req, i, gen, stream))
         self.requests[rid] = req
-        if params.max_tokens == 0 and params.prompt_logprobs is None:
+        vocab_ok = self.vocab_limit if self.vocab_limit is not None else vocab
+        bad = [t for t in params.score_next if not 0 <= int(t) < vocab_ok]
+        if bad:
+            raise EmberError(f"request: score_next id {bad[0]} is outside the vocabulary (0..{vocab_ok - 1}).")
+        if params.max_tokens == 0 and params.prompt_logprobs is None and not params.score_next:
             for s in req.seqs:
                 self._finish(s, "length")
             return req
@@ -693,6 +702,13 @@ class Engine:
             req.first_token_at = time.perf_counter()
             req.cached_tokens = s.cached_tokens
             self.stats["cached_tokens"] += s.cached_tokens
+        if p.score_next and req.next_logprobs is None:  # the arithmetic of _logprobs, so equal to prompt logprobs
+            x = row.float()
+            if self.vocab_limit is not None and self.vocab_limit < x.shape[-1]:
+                x = x[: self.vocab_limit]
+            logp = torch.log_softmax(x, dim=-1)
+            best = int(torch.topk(logp, 1)[1][0])
+            req.next_logprobs = {int(t): (float(logp[t]), int(t) == best) for t in p.score_next}
         if p.max_tokens == 0:  # prompt logprobs only
             for t in req.seqs:
                 self._finish(t, "length")
