@@ -22,6 +22,7 @@ import gzip
 import json
 import random
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -104,7 +105,7 @@ def _limit(docs: list[Doc], limit: Optional[int]) -> list[Doc]:
 
 
 # ---------------------------------------------------------------------------------- tasks
-class Task:
+class Task(ABC):
     """One evaluation task. `docs()` lists its items; `score(scorer, docs)` returns one JSON-able result
     per item; `aggregate(results)` the task's metrics. `primary` names the headline metric."""
 
@@ -118,14 +119,14 @@ class Task:
     def label(self) -> str:
         return self.name + (f":{self.path}" if self.path else "")
 
-    def docs(self) -> list[Doc]:
-        raise NotImplementedError
+    @abstractmethod
+    def docs(self) -> list[Doc]: ...
 
-    def score(self, scorer, docs: list[Doc]) -> list[dict]:
-        raise NotImplementedError
+    @abstractmethod
+    def score(self, scorer, docs: list[Doc]) -> list[dict]: ...
 
-    def aggregate(self, results: list[dict]) -> dict:
-        raise NotImplementedError
+    @abstractmethod
+    def aggregate(self, results: list[dict]) -> dict: ...
 
     def texts(self, docs: list[Doc]) -> list[str]:
         """Each item's text as a training set could contain it (for contamination checks)."""
