@@ -23,6 +23,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("serve",): ("ember.recipes.serve", "serve a checkpoint over an OpenAI-compatible HTTP API"),
     ("evaluate",): ("ember.recipes.evaluate", "score a checkpoint on tasks: MMLU, perplexity, QA, HumanEval, safety"),
     ("convert",): ("ember.recipes.convert", "convert checkpoints to/from Hugging Face format"),
+    ("quantize",): ("ember.recipes.quantize", "weight-only int8 / int4 quantization of a checkpoint"),
     ("reward", "train"): ("ember.recipes.reward_train", "train a reward model on preference pairs"),
     ("reward", "score"): ("ember.recipes.reward_score", "score prompt + completion pairs with a reward model"),
     ("model", "info"): ("ember.recipes.model_info", "parameters, FLOPs and memory of a preset or checkpoint"),

@@ -71,7 +71,8 @@ def load(checkpoint: Union[str, Path], device: str = "cpu", dtype: Union[str, to
     from ember.io.checkpoint import load_checkpoint
     from ember.parallel import resolve_device
 
-    model, meta = load_checkpoint(checkpoint, device=resolve_device(device), dtype=parse_dtype(dtype))
+    model, meta = load_checkpoint(checkpoint, device=resolve_device(device), dtype=parse_dtype(dtype),
+                                   quantized=True)
     tok = load_tokenizer(checkpoint, meta, tokenizer)
     check_vocab(tok, model)
     return model.eval(), tok

@@ -49,6 +49,7 @@ from ember.infer.decode import PACK_MAX_SEQS, BlockDecoder, decode_linear, pack_
 from ember.infer.sample import SamplingParams, apply_repetition_penalty, process_logits, sample_from_logits
 from ember.infer.text import TextStream
 from ember.models.layers import GeluMLP, SwiGLU, apply_rope, plain_linear
+from ember.quant import set_rowwise
 
 ROW_MULTIPLE = 4  # matrix products see a multiple of this many rows (see the module docstring)
 
@@ -869,6 +870,7 @@ class ModelRunner:
         if pack and invariant:
             raise EmberError("engine: pack=True is for batch-1 decoding; it cannot be batch-invariant. "
                              "HINT: set batch_invariant=False or leave pack unset.")
+        set_rowwise(model, invariant)  # quantized linears: the row-independent kernels at every row count
         self.decoders: Optional[list] = None
         if pack:
             pack_for_decode(model)

@@ -88,21 +88,24 @@ def head_of(meta: dict, where: str = "ember.json") -> dict:
 
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], model_cfg: ModelConfig, out_dir: str | Path,
                     tokenizer_dir: Optional[str | Path] = None, extra: Optional[dict] = None,
-                    head: Optional[dict] = None) -> Path:
+                    head: Optional[dict] = None, quant: Optional[dict] = None) -> Path:
     """Write a full (gathered) state dict of a `Transformer(model_cfg)` as a checkpoint directory.
 
-    `head`: what the output is (see the module docstring); default {"kind": "lm"}."""
+    `head`: what the output is (see the module docstring); default {"kind": "lm"}.
+    `quant`: the `QuantSpec.to_dict()` of a model quantized by ember.quant (its state dict holds codes)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     head = check_head(head)
     n_out = head_size(head)
     tensors = _storable(state_dict, model_cfg, n_out)
-    _check_tensors(tensors, model_cfg, where="state dict given to save_state_dict", n_out=n_out)
+    _check_tensors(tensors, model_cfg, where="state dict given to save_state_dict", n_out=n_out, quant=quant)
     if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
         raise CheckpointError(f"{tokenizer_dir}: tokenizer directory not found. "
                               "HINT: pass the directory holding tokenizer.json (or None).")
     meta = _meta(model_cfg, head, tokenizer_dir, _dtype_name(tensors), extra)
+    if quant:
+        meta["quant"] = dict(quant)
     return _write(out, meta, tokenizer_dir, lambda tmp: save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"}))
 
 
@@ -241,12 +244,15 @@ _COMMANDS = {"classifier": "ember classify eval / predict", "reward": "ember rew
 
 
 def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu",
-                    dtype: Optional[torch.dtype] = None, kinds: tuple[str, ...] = ("lm",)) -> tuple[Transformer, dict]:
+                    dtype: Optional[torch.dtype] = None, kinds: tuple[str, ...] = ("lm",),
+                    quantized: bool = False) -> tuple[Transformer, dict]:
     """Build the model a checkpoint describes (on meta), load its weights, re-tie, eval mode.
 
-    Returns (model, meta). `dtype` casts floating weights (None keeps the stored dtype); the RoPE
-    table stays fp32. `kinds`: the head kinds the caller can use (a classifier's output is its classes,
-    not the vocabulary); another kind is a CheckpointError naming the command for it.
+    Returns (model, meta). `dtype` casts floating weights (None keeps the stored dtype; quantization
+    scales stay fp32); the RoPE table stays fp32. `kinds`: the head kinds the caller can use (a
+    classifier's output is its classes, not the vocabulary); another kind is a CheckpointError naming
+    the command for it. `quantized`: whether the caller runs inference only and so accepts a
+    checkpoint written by `ember quantize` (its Linears become ember.quant.QuantLinear).
     """
     d = Path(ckpt_dir)
     meta = read_meta(d)
@@ -258,12 +264,49 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu",
     cfg = model_config(meta, d)
     if meta.get("adapter"):
         return _load_with_adapter(d, meta, cfg, device, dtype)
+    if meta.get("quant"):
+        if not quantized:
+            raise CheckpointError(f"{d / META}: holds {meta['quant'].get('method')}-quantized weights, which are "
+                                  "for inference only (ember generate, chat, serve, evaluate). HINT: train or "
+                                  "convert the original checkpoint, then quantize the result")
+        return _load_quantized(d, meta, cfg, head, device, dtype)
     tensors = _read_tensors(d / WEIGHTS, device)
     n_out = head_size(head)
     _check_tensors(tensors, cfg, where=str(d / WEIGHTS), n_out=n_out)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     return from_state_dict(cfg, tensors, device, n_out=n_out), meta
+
+
+def _quant_spec(meta: dict, d: Path):
+    from ember.quant import QuantSpec
+
+    try:
+        return QuantSpec.from_dict(dict(meta["quant"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{d / META}: 'quant' is not a valid quantization record ({e}). "
+                              "HINT: re-run ember quantize on the original checkpoint") from None
+
+
+def _load_quantized(d: Path, meta: dict, cfg: ModelConfig, head: dict, device, dtype) -> tuple[Transformer, dict]:
+    from ember.quant import prepare_quantized
+
+    spec = _quant_spec(meta, d)
+    n_out = head_size(head)
+    tensors = _read_tensors(d / WEIGHTS, device)
+    _check_tensors(tensors, cfg, where=str(d / WEIGHTS), n_out=n_out, quant=meta["quant"])
+    if dtype is not None:  # norms, biases, float layers; the codes and their scales keep their dtypes
+        tensors = {k: v.to(dtype) if v.is_floating_point() and not k.endswith((".scale", ".zero")) else v
+                   for k, v in tensors.items()}
+    with torch.device("meta"):
+        model = Transformer(cfg, n_out)
+    prepare_quantized(model, spec)
+    if cfg.tie_embeddings and n_out is None and "output" not in spec.modules and not spec.embedding:
+        tensors.setdefault("output.weight", tensors["tok_embeddings.weight"])
+    model.load_state_dict(tensors, strict=True, assign=True)
+    model.tie_weights()
+    model.reset_buffers(torch.device(device))
+    return model.eval(), meta
 
 
 def _load_with_adapter(d: Path, meta: dict, cfg: ModelConfig, device, dtype) -> tuple[Transformer, dict]:
@@ -300,10 +343,16 @@ def _read_tensors(path: Path, device: str | torch.device) -> dict[str, torch.Ten
                               "HINT: re-copy or re-save the checkpoint.") from None
 
 
-def expected_shapes(cfg: ModelConfig, n_out: Optional[int] = None) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape that a checkpoint of `cfg` (head size `n_out`) stores (a tied head is left out)."""
+def expected_shapes(cfg: ModelConfig, n_out: Optional[int] = None,
+                    quant: Optional[dict] = None) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape that a checkpoint of `cfg` (head size `n_out`, quantized as `quant`
+    describes) stores (a tied head is left out)."""
     with torch.device("meta"):
         model = Transformer(cfg, n_out)
+        if quant:
+            from ember.quant import QuantSpec, prepare_quantized
+
+            prepare_quantized(model, QuantSpec.from_dict(dict(quant)))
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if cfg.tie_embeddings and n_out is None:
         shapes.pop("output.weight", None)
@@ -311,9 +360,9 @@ def expected_shapes(cfg: ModelConfig, n_out: Optional[int] = None) -> dict[str, 
 
 
 def _check_tensors(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig, where: str,
-                   n_out: Optional[int] = None) -> None:
-    """Names and shapes must be exactly those of `Transformer(cfg, n_out)`."""
-    expected = expected_shapes(cfg, n_out)
+                   n_out: Optional[int] = None, quant: Optional[dict] = None) -> None:
+    """Names and shapes must be exactly those of `Transformer(cfg, n_out)` (quantized as `quant` says)."""
+    expected = expected_shapes(cfg, n_out, quant)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     hint = ("HINT: the weights do not belong to this model config; fix 'model' in ember.json "

@@ -83,8 +83,8 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------------------------- init
     def tie_weights(self) -> None:
         """Share the embedding with the head (again: `to_empty()` unties parameters)."""
-        if (self.cfg.tie_embeddings and self.n_out is None and self.tok_embeddings is not None
-                and self.output is not None):
+        if (self.cfg.tie_embeddings and self.n_out is None and isinstance(self.tok_embeddings, nn.Embedding)
+                and isinstance(self.output, nn.Linear)):  # (a quantized pair shares its codes instead)
             self.output.weight = self.tok_embeddings.weight
 
     @torch.no_grad()
