@@ -194,3 +194,88 @@ def test_real_smollm2_gguf_knows_the_capital_of_france(tmp_path):
                                      add_generation_prompt=True)
     out = api.generate(model, prompt, max_new_tokens=12, temperature=0, tokenizer=tok)
     assert "Paris" in (out if isinstance(out, str) else out[0])
+
+
+# ------------------------------------------------------------------------------------------ export
+@pytest.fixture(scope="module")
+def ember_llama(tmp_path_factory):
+    """A tiny Llama-style ember checkpoint (untied head, GQA) with ember's own BPE tokenizer and chat template."""
+    from ember.io.checkpoint import save_checkpoint
+    from ember.models import Transformer, preset
+    from ember.tokenizer import train_bpe
+
+    root = tmp_path_factory.mktemp("to_gguf")
+    tok = train_bpe(iter(TEXT), vocab_size=300)
+    tok.save(root / "tok")
+    model = Transformer(preset("tiny-llama", vocab_size=320, ffn_hidden=192, block_size=64))
+    model.init_weights(0)
+    return save_checkpoint(model.eval(), root / "ck", tokenizer_dir=root / "tok"), tok
+
+
+@pytest.mark.parametrize("qtype", ["f32", "f16", "q8_0", "q4_0"])
+def test_gguf_export_reads_back_with_equal_weights(ember_llama, tmp_path, qtype):
+    ckpt, tok = ember_llama
+    out = tmp_path / f"m-{qtype}.gguf"
+    assert cli.main(["convert", "--to-gguf", str(ckpt), "--type", qtype, "--out", str(out)]) == 0
+    model, _ = load_checkpoint(ckpt)
+    reader = gguf.GGUFReader(str(out))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_norm.weight"] == "F32" and types["blk.0.ffn_gate.weight"] == qtype.upper()
+    # the gguf package's own reader: each tensor is the package's encoding of ember's weight (q/k permuted)
+    T = gguf.GGMLQuantizationType
+    kind = {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[qtype]
+    w = model.layers["1"].feed_forward.w1.weight.detach().numpy()
+    t = next(t for t in reader.tensors if t.name == "blk.1.ffn_gate.weight")
+    got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(w.shape)
+    if kind in (T.Q8_0, T.Q4_0):
+        expect = gguf.quants.dequantize(gguf.quants.quantize(w, kind), kind).reshape(w.shape)
+    else:
+        expect = w.astype(np.float16).astype(np.float32) if qtype == "f16" else w
+    np.testing.assert_array_equal(got, expect)
+    # ember's own import: f32 gives back the very weights (and logits); the others their dequantized values
+    back = tmp_path / "back"
+    assert cli.main(["convert", "--from-gguf", str(out), "--out", str(back)]) == 0
+    m2, tok2 = api.load(back)
+    sd, sd2 = model.state_dict(), m2.state_dict()
+    assert set(sd) == set(sd2)
+    if qtype == "f32":
+        assert all(torch.equal(sd[k], sd2[k]) for k in sd)
+    np.testing.assert_array_equal(sd2["layers.1.feed_forward.w1.weight"].numpy(), expect)
+    text = "hello world, the fox 12345"
+    assert tok2.encode(text) == tok.encode(text) and tok2.eos_id == tok.eos_id
+
+
+def test_gguf_export_refuses_gpt2_style_and_existing_files(tmp_path):
+    from ember.io.checkpoint import save_checkpoint
+    from ember.models import Transformer, preset
+
+    model = Transformer(preset("tiny"))
+    model.init_weights(0)
+    ck = save_checkpoint(model, tmp_path / "gpt2ish")
+    assert cli.main(["convert", "--to-gguf", str(ck), "--out", str(tmp_path / "x.gguf")]) != 0
+    assert not (tmp_path / "x.gguf").exists()
+    (tmp_path / "y.gguf").write_text("keep me")
+    assert cli.main(["convert", "--to-gguf", str(ck), "--out", str(tmp_path / "y.gguf")]) != 0
+    assert (tmp_path / "y.gguf").read_text() == "keep me"
+
+
+def test_llama_cpp_runs_the_export_with_ember_greedy_text(ember_llama, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")  # optional: built from source (bench/quant_decode.py)
+    ckpt, tok = ember_llama
+    out = tmp_path / "m.gguf"
+    assert cli.main(["convert", "--to-gguf", str(ckpt), "--out", str(out)]) == 0
+    llm = llama_cpp.Llama(str(out), n_ctx=64, n_threads=1, verbose=False)
+    prompt = "the quick brown"
+    assert llm.tokenize(prompt.encode(), add_bos=False, special=False) == tok.encode(prompt)
+    from ember.infer.generate import generate
+    from ember.infer.sample import SamplingParams
+
+    model, _ = api.load(ckpt)
+    ids = tok.encode(prompt)
+    ours = generate(model, [ids], 8, SamplingParams(temperature=0))[0]  # ids (the text of a random model is bytes)
+    theirs = []
+    for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        theirs.append(t)
+        if len(theirs) == 8:
+            break
+    assert theirs == ours

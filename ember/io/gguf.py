@@ -196,3 +196,152 @@ def read_gguf(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str
     tied = not any(t.name == "output.weight" for t in reader.tensors)
     cfg = hf_config(fields, path, tied)
     return cfg, hf_weights(gguf, reader, cfg, path), tokenizer_files(fields, path)
+
+
+# ------------------------------------------------------------------------------------------ write
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
+# ember's own BPE pre-tokenizer (the cl100k / Llama-3 split) is llama.cpp's "llama-bpe"
+_EMBER_SPLIT = ("'(?i:[sdmt]|ll|ve|re)|[^\\r\\n\\p{L}\\p{N}]?+\\p{L}++|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]++[\\r\\n]*+"
+                "|\\s++$|\\s*[\\r\\n]|\\s+(?!\\S)|\\s")
+_PRE_TOKENIZERS["llama-bpe"] = [
+    {"type": "Split", "pattern": {"Regex": _EMBER_SPLIT}, "behavior": "Isolated", "invert": False},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]
+_NORMAL = 1
+
+
+def _pre_name(tokenizer: dict, where: Path) -> str:
+    pre = tokenizer.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    for name, want in _PRE_TOKENIZERS.items():
+        if parts == want:
+            return name
+    if parts and parts[-1].get("type") == "ByteLevel" and len(parts) == 1:
+        return "gpt2"
+    raise EmberError(f"{where}: its pre-tokenizer has no llama.cpp name that ember knows ({sorted(_PRE_TOKENIZERS)}). "
+                     "HINT: export to Hugging Face (--to-hf) and use llama.cpp's convert_hf_to_gguf.py")
+
+
+def _tokenizer_fields(tok_dir: Path) -> dict:
+    """tokens, token types, merges, pre-tokenizer name, special ids and chat template of an HF tokenizer dir."""
+    path = tok_dir / "tokenizer.json"
+    try:
+        tok = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise EmberError(f"{path}: cannot read the tokenizer ({e}). HINT: the checkpoint needs its tokenizer/ "
+                         "directory to export GGUF") from None
+    model = tok.get("model") or {}
+    if model.get("type") != "BPE":
+        raise EmberError(f"{path}: model type {model.get('type')!r}; GGUF export writes byte-level BPE tokenizers")
+    vocab = dict(model["vocab"])
+    added = {a["content"]: a["id"] for a in tok.get("added_tokens", [])}
+    vocab.update(added)
+    n = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    types = [_USER_DEFINED] * n  # ids no entry names: unused padding rows
+    for t, i in vocab.items():
+        tokens[i] = t
+        types[i] = _CONTROL if t in added else _NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    cfg_path = tok_dir / "tokenizer_config.json"
+    conf = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+
+    def tid(key):
+        v = conf.get(key)
+        v = v.get("content") if isinstance(v, dict) else v
+        return vocab.get(v) if isinstance(v, str) else None
+
+    return {"tokens": tokens, "types": types, "merges": merges, "pre": _pre_name(tok, path),
+            "bos": tid("bos_token"), "eos": tid("eos_token"), "pad": tid("pad_token"),
+            "add_bos": bool(conf.get("add_bos_token", False)), "chat_template": conf.get("chat_template")}
+
+
+def write_gguf(path: str | Path, hf_cfg: dict, hf_sd: dict[str, torch.Tensor], tok_dir: Path | None,
+               qtype: str = "f32", name: str = "ember") -> Path:
+    """Write a Llama-architecture model (HF config + HF-named float state dict) as a llama.cpp GGUF file.
+
+    `qtype`: f32, f16, q8_0 or q4_0 for the 2-D weights (llama.cpp's own block formats, encoded by the
+    gguf package); norms stay f32, as llama.cpp's converter keeps them; a row whose length is not a
+    multiple of 32 falls back to f16. q/k rows are permuted to llama.cpp's interleaved rotary order.
+    Written to a temp file and renamed into place."""
+    import gguf
+
+    from ember.fileio import atomic_path
+
+    if qtype not in GGUF_TYPES:
+        raise EmberError(f"--type {qtype!r}: expected one of {list(GGUF_TYPES)}")
+    if hf_cfg.get("model_type") != "llama":
+        raise EmberError(f"model_type {hf_cfg.get('model_type')!r}: ember writes Llama-architecture GGUF "
+                         "(rmsnorm, rope, swiglu). HINT: export GPT-2 style models with --to-hf")
+    path = Path(path)
+    T = gguf.GGMLQuantizationType
+    want = {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[qtype]
+    arch = "llama"
+    with atomic_path(path) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
+        w.add_name(name)
+        w.add_context_length(int(hf_cfg["max_position_embeddings"]))
+        w.add_embedding_length(int(hf_cfg["hidden_size"]))
+        w.add_block_count(int(hf_cfg["num_hidden_layers"]))
+        w.add_feed_forward_length(int(hf_cfg["intermediate_size"]))
+        w.add_head_count(int(hf_cfg["num_attention_heads"]))
+        w.add_head_count_kv(int(hf_cfg["num_key_value_heads"]))
+        head_dim = int(hf_cfg.get("head_dim") or hf_cfg["hidden_size"] // hf_cfg["num_attention_heads"])
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_rope_dimension_count(head_dim)
+        w.add_layer_norm_rms_eps(float(hf_cfg["rms_norm_eps"]))
+        w.add_rope_freq_base(float(hf_cfg.get("rope_theta", 10000.0)))
+        if hf_cfg.get("rope_scaling"):
+            raise EmberError("rope_scaling: ember's GGUF export writes unscaled RoPE. HINT: use --to-hf and llama.cpp's "
+                             "convert_hf_to_gguf.py for Llama-3.1-style scaled models")
+        w.add_vocab_size(int(hf_cfg["vocab_size"]))
+        w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype])
+        if qtype.startswith("q"):
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        if tok_dir is not None:
+            t = _tokenizer_fields(tok_dir)
+            rows = int(hf_cfg["vocab_size"])
+            tokens = t["tokens"] + [f"[PAD{i}]" for i in range(len(t["tokens"]), rows)]
+            types = t["types"] + [_USER_DEFINED] * (rows - len(t["types"]))
+            w.add_tokenizer_model("gpt2")
+            w.add_tokenizer_pre(t["pre"])
+            w.add_token_list(tokens[:rows])
+            w.add_token_types(types[:rows])
+            w.add_token_merges(t["merges"])
+            for key, fn in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("pad", w.add_pad_token_id)):
+                if t[key] is not None:
+                    fn(int(t[key]))
+            w.add_add_bos_token(t["add_bos"])
+            if isinstance(t["chat_template"], str):
+                w.add_chat_template(t["chat_template"])
+        names = {v: k for k, v in _LAYER_NAMES.items()}
+        globals_ = {v: k for k, v in _GLOBAL_NAMES.items()}
+        for hf_name, tensor in hf_sd.items():
+            m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
+            if m and m.group(2) in names:
+                gname = f"blk.{m.group(1)}.{names[m.group(2)]}"
+            elif hf_name in globals_:
+                gname = globals_[hf_name]
+            else:
+                raise EmberError(f"tensor {hf_name!r} has no llama.cpp name. HINT: ember writes plain Llama models")
+            x = tensor.detach().float()
+            if gname.endswith("attn_q.weight"):
+                x = permute(x, int(hf_cfg["num_attention_heads"]))
+            elif gname.endswith("attn_k.weight"):
+                x = permute(x, int(hf_cfg["num_key_value_heads"]))
+            arr = x.contiguous().numpy()
+            kind = want if arr.ndim == 2 else T.F32
+            if kind in (T.Q8_0, T.Q4_0) and arr.shape[-1] % 32:
+                kind = T.F16
+            if kind == T.F32:
+                w.add_tensor(gname, arr.astype(np.float32))
+            elif kind == T.F16:
+                w.add_tensor(gname, arr.astype(np.float16))
+            else:
+                w.add_tensor(gname, gguf.quants.quantize(arr, kind), raw_dtype=kind)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return path

@@ -3,6 +3,7 @@
     ember convert --from-hf HF_DIR --out DIR       # GPT2LMHeadModel or LlamaForCausalLM -> ember checkpoint
     ember convert --from-gguf FILE.gguf --out DIR  # llama.cpp GGUF (Llama architecture, any quantization)
     ember convert --to-hf DIR --out HF_DIR         # ember checkpoint -> config.json + model.safetensors
+    ember convert --to-gguf DIR --type q8_0 --out FILE.gguf   # ember Llama-style checkpoint -> llama.cpp GGUF
 
 An HF directory holds config.json and model.safetensors (a sharded model.safetensors.index.json, or
 pytorch_model.bin read with torch.load(weights_only=True), are accepted on import). Tokenizer files
@@ -10,6 +11,8 @@ pytorch_model.bin read with torch.load(weights_only=True), are accepted on impor
 next to the weights on export. Round trips are bit-exact in float32 (the default --dtype).
 A GGUF file is dequantized to float32 (io/gguf.py); its tokenizer and chat template become
 `<DIR>/tokenizer/tokenizer.json` and `tokenizer_config.json`.
+GGUF export (io/gguf.py `write_gguf`) writes f32, f16, or llama.cpp's Q8_0 / Q4_0 blocks, with the
+tokenizer, special ids and chat template, so a model trained or tuned in ember runs in llama.cpp.
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ class Config:
     """Import: a llama.cpp .gguf file (Llama architecture; quantized weights are dequantized)."""
     to_hf: Optional[str] = None
     """Export: an ember checkpoint directory (ember.json + model.safetensors)."""
+    to_gguf: Optional[str] = None
+    """Export: an ember checkpoint directory (Llama style) -> a llama.cpp .gguf file at --out."""
+    type: Literal["f32", "f16", "q8_0", "q4_0"] = "f32"
+    """--to-gguf only: the weights' GGUF type (norms stay f32)."""
     out: Optional[str] = None
     """The directory to write (must not exist or be empty, unless --overwrite)."""
     overwrite: bool = False
@@ -55,11 +62,13 @@ class Config:
 
 
 def main(cfg: Config) -> int:
-    if sum(x is not None for x in (cfg.from_hf, cfg.from_gguf, cfg.to_hf)) != 1:
-        raise EmberError("give exactly one of --from-hf HF_DIR, --from-gguf FILE or --to-hf DIR. "
+    if sum(x is not None for x in (cfg.from_hf, cfg.from_gguf, cfg.to_hf, cfg.to_gguf)) != 1:
+        raise EmberError("give exactly one of --from-hf HF_DIR, --from-gguf FILE, --to-hf DIR or --to-gguf DIR. "
                          "HINT: ember convert --from-hf HF_DIR --out DIR, or ember convert --to-hf DIR --out HF_DIR")
     if not cfg.out:
         raise EmberError("--out is required. HINT: add --out NEW_DIR")
+    if cfg.to_gguf is not None:
+        return 0 if to_gguf(Path(cfg.to_gguf), Path(cfg.out), cfg.type, cfg.overwrite) else 1
     from ember.fileio import check_out_dir
 
     src, out = Path(cfg.from_hf or cfg.from_gguf or cfg.to_hf), Path(cfg.out)
@@ -145,6 +154,33 @@ def to_hf(ckpt_dir: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     _summary(ckpt_dir, out, cfg, dtype, _listing(out))
+    return out
+
+
+def to_gguf(ckpt_dir: Path, out: Path, qtype: str = "f32", overwrite: bool = False) -> Path:
+    """Write an ember checkpoint (Llama style) as a llama.cpp GGUF file at `out`."""
+    from ember.io import gguf
+
+    if out.is_dir():
+        raise EmberError(f"{out}: is a directory; --to-gguf writes one file. HINT: --out {out / 'model.gguf'}")
+    if out.exists() and not overwrite:
+        raise EmberError(f"{out}: exists. HINT: pass --overwrite to replace it, or choose another --out")
+    model, meta = load_checkpoint(ckpt_dir)
+    cfg = model.cfg
+    try:
+        if hfconv.hf_model_type(cfg) != "llama":
+            raise ValueError("a GPT-2 style model (layernorm, learned positions, GELU)")
+        bos, eos = _special_ids(ckpt_dir, meta)
+        hf_cfg = hfconv.config_to_hf(cfg, "llama", bos_token_id=bos, eos_token_id=eos)
+        sd = hfconv.state_dict_to_hf(model.state_dict(), cfg, "llama")
+    except ValueError as e:
+        raise EmberError(f"{ckpt_dir / META}: no GGUF (llama) equivalent: {e}. HINT: GGUF export needs "
+                         "rmsnorm+rope+swiglu; export other models with --to-hf") from None
+    tok = ckpt_dir / TOKENIZER
+    out.parent.mkdir(parents=True, exist_ok=True)
+    gguf.write_gguf(out, hf_cfg, sd, tok if tok.is_dir() else None, qtype, name=ckpt_dir.resolve().name)
+    log(f"converted {ckpt_dir} -> {out} ({qtype}, {out.stat().st_size:,} bytes; run it with llama.cpp, or "
+        f"import it back with ember convert --from-gguf {out} --out DIR)")
     return out
 
 
