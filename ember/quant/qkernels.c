@@ -68,8 +68,7 @@ void ember_q8_linear(const float *x, const int8_t *q, const float *scale, const 
     }
 }
 
-/* xsum: (M, K/G) sums of x over each group (computed by the caller once per call). Each group's codes
- * are widened to floats once (into wbuf) and used for every input row of the block. */
+/* xsum: (M, K/G) sums of x over each group (computed by the caller once per call) */
 void ember_q4_linear(const float *x, const float *xsum, const uint8_t *q, const _Float16 *scale, const _Float16 *zero,
                      const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t G, int nthreads) {
     const int64_t ng = K / G, half = G / 2;
@@ -78,72 +77,49 @@ void ember_q4_linear(const float *x, const float *xsum, const uint8_t *q, const 
         const uint8_t *w = q + n * (K / 2);
         const _Float16 *sc = scale + n * ng;
         const _Float16 *zp = zero + n * ng;
-        float wbuf[256] __attribute__((aligned(32)));
         for (int64_t m0 = 0; m0 < M; m0 += MB) {
             int64_t mb = M - m0 < MB ? M - m0 : MB;
-            float corr[MB] = {0.f, 0.f, 0.f, 0.f};
-#ifdef __AVX2__
-            __m256 tot[MB];
-            for (int i = 0; i < MB; i++) tot[i] = _mm256_setzero_ps();
-            const __m128i mask = _mm_set1_epi8(0x0F);
-#else
-            float tot[MB] = {0.f, 0.f, 0.f, 0.f};
-#endif
-            for (int64_t g = 0; g < ng; g++) {
-                const uint8_t *wg = w + g * half;
-                const float s = (float)sc[g], z = (float)zp[g];
-#ifdef __AVX2__
-                if (mb == 1) {  /* one row: widen in registers, same FMA order as the buffered path (k ascending) */
-                    const float *xg = x + m0 * K + g * G;
-                    __m256 acc = _mm256_setzero_ps();
-                    for (int64_t j = 0; j < half; j += 8) {
-                        __m128i lo = _mm_and_si128(_mm_loadl_epi64((const __m128i *)(wg + j)), mask);
-                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(xg + j), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), acc);
-                    }
-                    for (int64_t j = 0; j < half; j += 8) {
-                        __m128i hi = _mm_and_si128(_mm_srli_epi16(_mm_loadl_epi64((const __m128i *)(wg + j)), 4), mask);
-                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(xg + half + j), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), acc);
-                    }
-                    tot[0] = _mm256_fmadd_ps(acc, _mm256_set1_ps(s), tot[0]);
-                    corr[0] += (z - 8.f * s) * xsum[m0 * ng + g];
-                    continue;
-                }
-                for (int64_t j = 0; j < half; j += 8) {
-                    __m128i b = _mm_loadl_epi64((const __m128i *)(wg + j));
-                    __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-                    _mm256_store_ps(wbuf + j, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)));
-                    _mm256_store_ps(wbuf + half + j, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)));
-                }
-                for (int i = 0; i < mb; i++) {
-                    const float *xg = x + (m0 + i) * K + g * G;
-                    __m256 acc = _mm256_setzero_ps();
-                    for (int64_t k = 0; k < G; k += 8)
-                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(xg + k), _mm256_load_ps(wbuf + k), acc);
-                    tot[i] = _mm256_fmadd_ps(acc, _mm256_set1_ps(s), tot[i]);
-                    corr[i] += (z - 8.f * s) * xsum[(m0 + i) * ng + g];
-                }
-#else
-                for (int64_t j = 0; j < half; j++) {
-                    wbuf[j] = (float)(wg[j] & 0x0F);
-                    wbuf[half + j] = (float)(wg[j] >> 4);
-                }
-                for (int i = 0; i < mb; i++) {
-                    const float *xg = x + (m0 + i) * K + g * G;
-                    float acc = 0.f;
-                    for (int64_t k = 0; k < G; k++) acc += xg[k] * wbuf[k];
-                    tot[i] += acc * s;
-                    corr[i] += (z - 8.f * s) * xsum[(m0 + i) * ng + g];
-                }
-#endif
-            }
             for (int i = 0; i < mb; i++) {
+                const float *xr = x + (m0 + i) * K;
+                const float *xs = xsum + (m0 + i) * ng;
+                float corr = 0.f;
 #ifdef __AVX2__
-                float r = hsum8(tot[i]) + corr[i];
+                __m256 tot = _mm256_setzero_ps();
 #else
-                float r = tot[i] + corr[i];
+                float tot = 0.f;
 #endif
-                if (bias) r += bias[n];
-                y[(m0 + i) * N + n] = r;
+                for (int64_t g = 0; g < ng; g++) {
+                    const uint8_t *wg = w + g * half;
+                    const float *xg = xr + g * G;
+#ifdef __AVX2__
+                    __m256 acc = _mm256_setzero_ps();
+                    const __m128i mask = _mm_set1_epi8(0x0F);
+                    for (int64_t j = 0; j < half; j += 8) {
+                        __m128i b = _mm_loadl_epi64((const __m128i *)(wg + j));
+                        __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+                        __m256 wl = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+                        __m256 wh = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(xg + j), wl, acc);
+                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(xg + half + j), wh, acc);
+                    }
+                    tot = _mm256_fmadd_ps(acc, _mm256_set1_ps((float)sc[g]), tot);
+#else
+                    float acc = 0.f;
+                    for (int64_t j = 0; j < half; j++) {
+                        acc += xg[j] * (float)(wg[j] & 0x0F);
+                        acc += xg[half + j] * (float)(wg[j] >> 4);
+                    }
+                    tot += acc * (float)sc[g];
+#endif
+                    corr += ((float)zp[g] - 8.f * (float)sc[g]) * xs[g];
+                }
+#ifdef __AVX2__
+                float s = hsum8(tot) + corr;
+#else
+                float s = tot + corr;
+#endif
+                if (bias) s += bias[n];
+                y[(m0 + i) * N + n] = s;
             }
         }
     }
