@@ -193,6 +193,12 @@ def test_quantized_checkpoint_generates_evaluates_and_serves(tmp_path):
         for _ in range(len(ids)):
             seq.append(int(qm(torch.tensor([seq]))[0, -1, : qtok.vocab_size].argmax()))
     assert ids == seq[len(prompt):]
+    if kernels.available():  # one prompt: the batch-1 block step over fused quantized q|k|v and gate|up
+        from ember.infer.decode import QuantBlockDecoder
+        from ember.infer.engine import Engine, EngineConfig
+
+        eng = Engine(qm, EngineConfig(block_size=8, num_blocks=8, max_num_seqs=1, batch_invariant=False))
+        assert eng.runner.decoders and all(isinstance(d, QuantBlockDecoder) for d in eng.runner.decoders)
     assert cli.main(["generate", "--checkpoint", str(q), "--prompt", "the quick", "--temperature", "0",
                      "--max-new-tokens", "4"]) == 0
     (tmp_path / "notes.txt").write_text(text)

@@ -204,6 +204,9 @@ class BlockDecoder:
         return cls(block, row_product(*qkv, parts), row_product(att.wo.weight, att.wo.bias, parts),
                    row_product(*up, parts), row_product(mlp.w2.weight, mlp.w2.bias, parts), swiglu)
 
+    def _row(self, x: torch.Tensor, rp: RowProduct) -> torch.Tensor:
+        return one_row(x, rp)
+
     def _norm(self, x: torch.Tensor, i: int) -> torch.Tensor:
         weight, bias, eps, rms = self.norms[i]
         return rms_norm(x, weight, eps) if rms else F.layer_norm(x, weight.shape, weight, bias, eps)
@@ -213,20 +216,79 @@ class BlockDecoder:
         """x (1, 1, C) -> (1, 1, C). `kv(k, v)` stores this token's k, v (1, K, 1, D) and returns every key
         and value the token attends to, (1, K, S, D) each (the engine's paged cache)."""
         H, K, D, nqk = self.H, self.K, self.D, self.nqk
-        qkv = one_row(self._norm(x, 0), self.qkv).view(-1)  # [q | k | v]
+        qkv = self._row(self._norm(x, 0), self.qkv).view(-1)  # [q | k | v]
         qk = qkv[:nqk].view(1, H + K, D)
         if self.rope:
             qk = apply_rope(qk, rope.view(1, 1, -1))  # one position: (1, 1, 2D)
         k, v = kv(qk[0, H:].view(1, K, 1, D), qkv[nqk:].view(1, K, 1, D))
         y = F.scaled_dot_product_attention(qk[0, :H].view(1, H, 1, D), k, v, enable_gqa=H != K)  # (1, H, 1, D)
-        x = x + one_row(y.view(1, 1, H * D), self.wo)
-        h = one_row(self._norm(x, 1), self.up)
+        x = x + self._row(y.view(1, 1, H * D), self.wo)
+        h = self._row(self._norm(x, 1), self.up)
         if self.swiglu:
             gate, up = h.view(-1).chunk(2)
             h = F.silu(gate, inplace=True).mul_(up).view(1, 1, -1)
         else:
             h = F.gelu(h, approximate="tanh")
-        return x + one_row(h, self.down)
+        return x + self._row(h, self.down)
+
+
+class QuantBlockDecoder(BlockDecoder):
+    """`BlockDecoder` for a block whose Linears are ember.quant `QuantLinear`s (a quantized checkpoint): the
+    same step, with q|k|v and gate|up each ONE kernel call over codes laid side by side (`fuse_quant`:
+    the modules' own buffers become row views of the fused ones, so nothing is copied twice)."""
+
+    def _row(self, x: torch.Tensor, m) -> torch.Tensor:  # m: a QuantLinear (the kernels at one row)
+        return m(x)
+
+    @classmethod
+    def build(cls, block: Block, parts: int = 0, fused: Optional[dict] = None) -> Optional["QuantBlockDecoder"]:
+        from ember.quant import QuantLinear, kernels
+
+        att, mlp = block.attention, block.feed_forward
+        swiglu = type(mlp) is SwiGLU
+        if type(mlp) not in (SwiGLU, GeluMLP) or type(att) is not Attention or not kernels.available():
+            return None
+        if not all(type(n) in (RMSNorm, nn.LayerNorm) and n.weight is not None
+                   for n in (block.attention_norm, block.ffn_norm)):
+            return None
+        grouped = [att.wq, att.wk, att.wv] + ([mlp.w1, mlp.w3] if swiglu else [mlp.w1])
+        if not all(isinstance(m, QuantLinear) and m.qweight.device.type == "cpu" for m in grouped):
+            return None
+        if not all(isinstance(m, QuantLinear) or plain_linear(m) for m in (att.wo, mlp.w2)):
+            return None  # (int4 leaves a Linear whose width its groups do not divide in float: that is fine)
+        qkv = fuse_quant([att.wq, att.wk, att.wv])
+        up = fuse_quant([mlp.w1, mlp.w3]) if swiglu else mlp.w1
+        if qkv is None or up is None:
+            return None
+        return cls(block, qkv, att.wo, up, mlp.w2, swiglu)
+
+
+def fuse_quant(linears: Sequence[nn.Module]):
+    """One QuantLinear computing the concatenated outputs of `linears` (same input, method and groups), whose
+    buffers the originals then view; None when they do not match."""
+    from ember.quant import QuantLinear
+
+    m0 = linears[0]
+    if any(m.method != m0.method or m.group_size != m0.group_size or m.in_features != m0.in_features
+           or (m.bias is None) != (m0.bias is None) for m in linears):
+        return None
+    fused = QuantLinear(m0.in_features, sum(m.out_features for m in linears), m0.method, m0.group_size,
+                        bias=m0.bias is not None)
+    with torch.no_grad():
+        names = ["qweight", "scale"] + (["zero"] if m0.zero is not None else [])
+        for name in names:
+            setattr(fused, name, torch.cat([getattr(m, name) for m in linears]).contiguous())
+        if m0.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([m.bias for m in linears]), requires_grad=False)
+        row = 0
+        for m in linears:
+            n = m.out_features
+            for name in names:
+                setattr(m, name, getattr(fused, name)[row: row + n])
+            if m.bias is not None:
+                m.bias = nn.Parameter(fused.bias[row: row + n], requires_grad=False)
+            row += n
+    return fused
 
 
 def is_packed(model: nn.Module) -> bool:

@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.errors import EmberError
-from ember.infer.decode import PACK_MAX_SEQS, BlockDecoder, decode_linear, pack_for_decode, split_linear, unpack
+from ember.infer.decode import (PACK_MAX_SEQS, BlockDecoder, QuantBlockDecoder, decode_linear, pack_for_decode,
+                                split_linear, unpack)
 from ember.infer.sample import SamplingParams, apply_repetition_penalty, process_logits, sample_from_logits
 from ember.infer.text import TextStream
 from ember.models.layers import GeluMLP, SwiGLU, apply_rope, plain_linear
@@ -874,7 +875,8 @@ class ModelRunner:
         self.decoders: Optional[list] = None
         if pack:
             pack_for_decode(model)
-            decoders = [BlockDecoder.build(b, max(2, torch.get_num_threads())) for b in model.layers.values()]
+            decoders = [BlockDecoder.build(b, max(2, torch.get_num_threads())) or QuantBlockDecoder.build(b)
+                        for b in model.layers.values()]
             self.decoders = decoders if all(d is not None for d in decoders) else None
         else:
             unpack(model)  # row-major weights: the layout every batch size shares
