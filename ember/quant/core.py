@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember.quant import kernels
+
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
 KERNEL_MAX_ROWS = 16
@@ -166,8 +168,6 @@ class QuantLinear(nn.Module):
         return dequantize_int4(self.qweight, self.scale, self.zero, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ember.quant import kernels
-
         lead, K = x.shape[:-1], x.shape[-1]
         rows = x.numel() // K
         use_kernel = (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
