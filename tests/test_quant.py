@@ -170,6 +170,20 @@ def test_tied_head_and_embedding_share_one_set_of_codes(tmp_path):
     torch.testing.assert_close(model.tok_embeddings(ids)[0], model.output.dequantized()[ids[0]])
 
 
+def test_a_tied_head_kept_float_keeps_its_embedding_float_and_reloads(tmp_path):
+    model = Transformer(preset("tiny"))
+    model.init_weights(0)
+    ckpt = save_checkpoint(model.eval(), tmp_path / "fp32")
+    assert cli.main(["quantize", "--checkpoint", str(ckpt), "--skip", "output", "--out", str(tmp_path / "q")]) == 0
+    q, meta = load_checkpoint(tmp_path / "q", quantized=True)
+    assert not meta["quant"]["embedding"] and "output" not in meta["quant"]["modules"]
+    assert q.output.weight is q.tok_embeddings.weight  # still tied, still float
+    torch.testing.assert_close(q.tok_embeddings.weight, model.tok_embeddings.weight, rtol=0, atol=0)
+    x = torch.randint(0, 512, (1, 8))
+    with torch.no_grad():
+        assert (q(x) - model(x)).abs().max() < 0.05 * model(x).abs().max()
+
+
 def test_quantized_checkpoint_generates_evaluates_and_serves(tmp_path):
     from ember.infer import api
     from ember.infer.generate import generate

@@ -194,7 +194,7 @@ class QuantEmbedding(nn.Module):
 
     def __init__(self, table: QuantLinear):
         super().__init__()
-        self.table = table  # registered (owns the codes) unless tied: then `tie` replaces the reference
+        self.table = table  # a submodule: this embedding owns (and saves) its codes; `tied` builds the other kind
         self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
 
     @classmethod
@@ -257,7 +257,7 @@ def quantize_model(model: nn.Module, method: str, group_size: Optional[int] = No
     """Swap `model`'s Linears (and its token embedding) for quantized ones, in place; returns the spec.
 
     int4 leaves a Linear whose in_features is not a multiple of `group_size` in float (listed out of
-    `spec.modules`). The model is left in eval mode (quantized modules are inference only)."""
+    `spec.modules`). A tied embedding is quantized only with its head (they share the codes). The model is left in eval mode (quantized modules are inference only)."""
     if method not in METHODS:
         raise ValueError(f"method {method!r}: expected one of {list(METHODS)}")
     if method == "int4" and group_size not in GROUP_SIZES:
@@ -272,9 +272,10 @@ def quantize_model(model: nn.Module, method: str, group_size: Optional[int] = No
         _set(model, name, QuantLinear.from_linear(lin, method, group_size))
         names.append(name)
     emb = getattr(model, "tok_embeddings", None)
-    do_emb = embedding and emb is not None and not (method == "int4" and emb.embedding_dim % group_size)
+    do_emb = (embedding and emb is not None and not (method == "int4" and emb.embedding_dim % group_size)
+              and not (tied and "output" not in names))  # a float tied head keeps its float embedding
     if do_emb:
-        if tied and "output" in names:
+        if tied:
             model.tok_embeddings = QuantEmbedding.tied(model.output)
         else:
             table = QuantLinear(emb.embedding_dim, emb.num_embeddings, method, group_size, device=emb.weight.device)
