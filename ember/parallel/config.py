@@ -11,11 +11,31 @@ from typing import Literal
 
 @dataclass
 class ParallelConfig:
-    """Data parallelism, mixed precision, activation checkpointing and torch.compile."""
+    """The layout (data and tensor parallel degrees), mixed precision, activation checkpointing, compile."""
+
+    dp_replicate: int = 1
+    """Data-parallel replicas. With dp_shard > 1 too this is HSDP: parameters sharded within a group of
+    dp_shard processes, replicated across dp_replicate groups (gradients all-reduced between them)."""
+    dp_shard: int = -1
+    """FSDP2 shard degree; -1 = what is left of the world after dp_replicate x tp. The product
+    dp_replicate x dp_shard x tp must equal the number of processes."""
+    tp: int = 1
+    """Tensor-parallel degree: every block's q/k/v and gate/up projections split by output column,
+    the output projections by input row (Megatron-LM); n_head and n_kv_head must divide by it. Peers
+    of one tensor-parallel group read the same batch."""
+    sequence_parallel: bool = True
+    """With tp > 1: norms and the residual stream between blocks are split along the sequence
+    (activation memory / tp); the projections gather it. Off: replicated, all-reduce after each block half."""
+    loss_parallel: bool = True
+    """With tp > 1: the head's logits stay split over the vocabulary and the cross-entropy is computed
+    on the shards (the full (B, T, V) logits are never gathered on one process). Language-model
+    objectives only; others get gathered logits."""
 
     data_parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"
-    """auto: none on 1 process, fsdp on more; ddp: DistributedDataParallel (full replicas);
-    fsdp: FSDP2 fully_shard (parameters, gradients and optimizer state sharded). On 1 process every
+    """auto: none on 1 process, fsdp on more; ddp: DistributedDataParallel (full replicas: every
+    data-parallel process in dp_replicate); fsdp: FSDP2 fully_shard (parameters, gradients and optimizer
+    state sharded over dp_shard; HSDP when dp_replicate > 1 too). With tp > 1 replicas are FSDP2 over
+    the replicate dimension (DDP does not take DTensor parameters). With one data-parallel process every
     mode is 'none'."""
     reshard_after_forward: bool = True
     """FSDP2 only. True: free the gathered parameters after each block's forward and gather them

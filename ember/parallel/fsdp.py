@@ -20,7 +20,7 @@ def fsdp_kwargs(dims: ParallelDims, cfg: ParallelConfig) -> dict:
     """mesh, mixed-precision and offload policies for `fully_shard` from the config."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
-    kw: dict = {"mesh": dims.mesh}
+    kw: dict = {"mesh": dims.fsdp_mesh}
     if cfg.mixed_precision == "bf16":
         # compute in bf16, reduce gradients in fp32, keep fp32 sharded master weights
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

@@ -1,6 +1,6 @@
 """parallelize(model, dims, cfg) and materialize(model, dims, seed): a built model -> a parallel one.
 
-The order is fixed (torchtitan's): TP (not yet) -> activation checkpointing -> compile -> FSDP or DDP.
+The order is fixed (torchtitan's): TP (parallel/tp.py) -> activation checkpointing -> compile -> FSDP or DDP.
 A model built on the meta device stays on meta through `parallelize` (FSDP shards meta tensors, which
 costs no memory); `materialize` then allocates and initialises it. `materialize` gives every rank,
 sharded or not, exactly the weights a single process gets from `init_weights(seed)`, so the losses of
@@ -45,11 +45,16 @@ def check_config(cfg: ParallelConfig) -> None:
 
 
 def resolve_data_parallel(cfg: ParallelConfig, dims: ParallelDims) -> str:
-    """The data-parallel mode actually used: "none", "ddp" or "fsdp" ("auto": fsdp on > 1 process)."""
+    """The data-parallel mode actually used: "none", "ddp" or "fsdp" (FSDP2 over dims.fsdp_mesh, which is
+    HSDP when dp_replicate > 1; plain replicas with tensor parallelism are FSDP2 over the replicate
+    dimension with shard degree 1, as DDP does not take DTensor parameters). Without tensor parallelism
+    "ddp" is DDP over every data-parallel process."""
     check_config(cfg)
-    if dims.dp_size == 1:
+    if dims.dp_size == 1 or cfg.data_parallel == "none":
         return "none"
-    return "fsdp" if cfg.data_parallel == "auto" else cfg.data_parallel
+    if dims.tp > 1:
+        return "fsdp"  # replicas of tensor-parallel DTensors: FSDP2 on the (dp_replicate, dp_shard) mesh
+    return "ddp" if cfg.data_parallel == "ddp" else "fsdp"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -80,9 +85,11 @@ def apply_compile(model: nn.Module) -> None:
         block.compile()
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> nn.Module:
-    """Apply AC, compile and FSDP/DDP to a built model (on meta or materialized); returns the model to train.
+def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig, loss_parallel: bool = True) -> nn.Module:
+    """Apply TP, AC, compile and FSDP/DDP to a built model (on meta or materialized); returns the model to train.
 
+    loss_parallel=False keeps a tensor-parallel LM head's logits gathered (objectives other than
+    next-token cross-entropy read whole logits).
     With DDP the result is a DistributedDataParallel wrapper (`unwrap` gives the Transformer); with FSDP2
     and none it is `model` itself, changed in place.
     """
@@ -94,7 +101,11 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> nn
         warn(f"parallel: cpu_offload / reshard_after_forward apply to FSDP2 only; ignored with {mode!r} "
              f"(world size {dims.world_size})")
     meta = is_meta(model)
-    # 1. tensor parallelism: not yet
+    # 1. tensor (and sequence) parallelism
+    if dims.tp > 1:
+        from ember.parallel.tp import apply_tp
+
+        apply_tp(model, dims.tp_mesh, cfg.sequence_parallel, cfg.loss_parallel and loss_parallel)
     # 2. activation checkpointing (per block; before compile so the recompute is compiled too)
     apply_activation_checkpointing(model, cfg.activation_checkpointing)
     # 3. compile (per block, in place)
@@ -114,10 +125,12 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> nn
         model.to(dims.device)
     if mode == "ddp":
         model = apply_ddp(model, dims)
-    log(f"parallel: {mode}, world {dims.world_size}, device {dims.device}, precision {cfg.mixed_precision}, "
+    log(f"parallel: {mode}, world {dims.world_size} ({dims.describe()}), device {dims.device}, precision {cfg.mixed_precision}, "
         f"AC {cfg.activation_checkpointing}, compile {cfg.compile}"
         + (f", reshard_after_forward {cfg.reshard_after_forward}, cpu_offload {cfg.cpu_offload}"
-           if mode == "fsdp" else ""))
+           if mode == "fsdp" else "")
+        + (f", sequence_parallel {cfg.sequence_parallel}, loss_parallel {getattr(model, '_ember_loss_parallel', False)}"
+           if dims.tp > 1 else ""))
     return model
 
 

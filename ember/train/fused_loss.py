@@ -116,13 +116,17 @@ def can_fuse(model: torch.nn.Module) -> bool:
     """True when `model_loss` can bypass `model.__call__`: a plain Transformer with a head.
 
     DDP/FSDP2 roots and `torch.compile(model)` wrappers do work in `__call__` (hooks, the compiled
-    graph), so they keep the plain logits path. Compile such a model per block instead
+    graph), so they keep the plain logits path; so does a tensor-parallel head, whose logits stay split
+    over the vocabulary (loss_parallel), never whole on one rank. Compile such a model per block instead
     (`for b in model.layers.values(): b.compile()`), which keeps the fused head.
     """
     from torch.distributed.fsdp import FSDPModule
 
     from ember.models import Transformer
 
+    from torch.distributed.tensor import DTensor
+
     return (type(model).__name__ != "OptimizedModule" and isinstance(model, Transformer)
             and not isinstance(model, FSDPModule) and getattr(model, "output", None) is not None
-            and not model._forward_pre_hooks and not model._forward_hooks)
+            and not model._forward_pre_hooks and not model._forward_hooks
+            and not isinstance(model.output.weight, DTensor))  # tensor parallel: the vocab-sharded logits path

@@ -188,11 +188,21 @@ def batch_tokens(batch: Any) -> int:
     return int(batch.numel()) if isinstance(batch, torch.Tensor) else 0
 
 
-def _all_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over all ranks, in place (gloo has no AVG)."""
+def _all_sum(t: torch.Tensor, dims: Optional[ParallelDims] = None) -> torch.Tensor:
+    """Sum over the data-parallel ranks, in place (gloo has no AVG). Tensor-parallel peers hold the same
+    batch, so they are not summed over."""
+    if dims is not None and dims.dp_size == 1:
+        return t
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=dims.dp_group if dims is not None else None)
     return t
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor for a (replicated or partial) DTensor loss or metric: its full value."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 class NonFiniteLoss(EmberError):
@@ -299,6 +309,16 @@ class Trainer:
 
         return autocast(self.dims, self.parallel)
 
+    def _loss_parallel(self):
+        """torch's loss_parallel while the model's head yields vocab-sharded logits (tensor parallel)."""
+        from ember.parallel import unwrap
+
+        if not getattr(unwrap(self.model), "_ember_loss_parallel", False):
+            return contextlib.nullcontext()
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel()
+
     def _no_sync(self, skip_sync: bool):
         if not self.dims.distributed:
             return contextlib.nullcontext()
@@ -316,7 +336,7 @@ class Trainer:
         """Units of each micro-batch (before any forward) and of the whole step over all ranks."""
         count = getattr(self.loss_fn, "weight", None) or batch_weight
         weights = [float(count(b)) for b in batches]
-        total = _all_sum(torch.tensor(sum(weights), dtype=torch.float64, device=self.device)).item()
+        total = _all_sum(torch.tensor(sum(weights), dtype=torch.float64, device=self.device), self.dims).item()
         if total <= 0:
             raise EmberError(f"step {self.step + 1}: no unit to train on in this step's batches (every target "
                              "is -100). HINT: check the data's masks (an all-masked example trains nothing)")
@@ -345,12 +365,13 @@ class Trainer:
         denom = total / self.dp_size  # DDP/FSDP2 average gradients over dp ranks
         sums: dict[str, torch.Tensor] = {}
         for micro, (batch, weight) in enumerate(zip(batches, weights)):
-            with self._no_sync(micro < len(batches) - 1), self._autocast():
-                out = self._checked(self.loss_fn(self.model, batch), weight)
-            scaled = out.loss / denom
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            with self._loss_parallel():  # forward and backward (tensor-parallel vocab-sharded logits)
+                with self._no_sync(micro < len(batches) - 1), self._autocast():
+                    out = self._checked(self.loss_fn(self.model, batch), weight)
+                scaled = out.loss / denom
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             for k, v in {"loss": out.loss, **out.metrics}.items():
-                sums[k] = sums.get(k, 0) + v.detach().double()
+                sums[k] = sums.get(k, 0) + _local(v.detach()).double()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = self._clip()  # the full norm, the same on every rank
@@ -381,7 +402,8 @@ class Trainer:
     def _means(self, sums: dict[str, torch.Tensor], total: float) -> dict[str, float]:
         """Weighted means over all micro-batches and ranks: one all-reduce for every metric."""
         keys = sorted(sums)
-        vec = _all_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in keys]))
+        vec = _all_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in keys]),
+                       self.dims)
         return {k: v / total for k, v in zip(keys, vec.tolist())}
 
     def _on_nonfinite(self, loss_val: float, norm_val: float) -> bool:
@@ -412,13 +434,13 @@ class Trainer:
         total = 0.0
         for batch in self._eval_batches(n):
             batch = _to_device(batch, self.device)
-            with self._autocast():
+            with self._loss_parallel(), self._autocast():
                 out = self.loss_fn(self.model, batch)
             total += float(out.weight)
             for k, v in {"loss": out.loss, **out.metrics}.items():
-                sums[k] = sums.get(k, 0) + v.detach().double()
+                sums[k] = sums.get(k, 0) + _local(v.detach()).double()
         self.model.train()
-        total = _all_sum(torch.tensor(total, dtype=torch.float64, device=self.device)).item()
+        total = _all_sum(torch.tensor(total, dtype=torch.float64, device=self.device), self.dims).item()
         means = self._means(sums, max(total, 1.0)) if sums else {"loss": float("nan")}
         report = getattr(self.loss_fn, "report", None)
         self.last_eval = report(means) if report is not None else means

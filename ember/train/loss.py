@@ -91,6 +91,11 @@ class LMLoss:
     def __init__(self, cfg: Optional[LossConfig] = None):
         self.cfg = cfg or LossConfig()
 
+    @property
+    def loss_parallel(self) -> bool:
+        """Under tensor parallelism the logits may stay vocab-sharded (plain cross-entropy only)."""
+        return not self.cfg.z_loss
+
     @staticmethod
     def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict]:
         if isinstance(batch, dict):

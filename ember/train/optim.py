@@ -60,14 +60,27 @@ def param_group_names(model: nn.Module) -> dict[str, list[str]]:
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
                     betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model)`: fused on CUDA, foreach elsewhere."""
+    """AdamW over `param_groups(model)`: fused on CUDA, foreach elsewhere.
+
+    The multi-tensor kernels take one kind of tensor at a time: when a group mixes plain tensors and
+    DTensors, or DTensors of different meshes (tensor parallel: replicated norms beside split
+    projections; TP x FSDP: 1-D and 2-D meshes), the per-parameter loop runs instead (same arithmetic).
+    """
     groups = param_groups(model, weight_decay)
     if not groups:
         raise EmberError("optimizer: the model has no trainable parameters. "
                          "HINT: check requires_grad (e.g. after freezing or LoRA).")
     on_cuda = next(iter(groups[0]["params"])).device.type == "cuda"
     kind = {"fused": True} if on_cuda else {"foreach": True}
+    if _mixed_layouts(p for g in groups for p in g["params"]):
+        kind = {"foreach": False}
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kind)
+
+
+def _mixed_layouts(params) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return len({p.device_mesh if isinstance(p, DTensor) else None for p in params}) > 1
 
 
 # ------------------------------------------------------------------------------------ schedules

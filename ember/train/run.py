@@ -73,7 +73,7 @@ def launch(cfg: RunConfig, command: str, body: Callable[[Any, ParallelDims], int
 
     if cfg.nproc_per_node > 1 and not launched_by_torchrun():
         return _relaunch(cfg, command)
-    dims = init_distributed(cfg.device)
+    dims = init_distributed(cfg.device, parallel=cfg.parallel)
     try:
         return body(cfg, dims)
     finally:
@@ -236,9 +236,10 @@ class Run:
 
 def build_model(mcfg: ModelConfig, dims: ParallelDims, parallel: ParallelConfig, seed: int,
                 weights: Optional[dict[str, torch.Tensor]] = None,
-                transform: Optional[Callable[[nn.Module], Any]] = None) -> nn.Module:
+                transform: Optional[Callable[[nn.Module], Any]] = None, loss_parallel: bool = False) -> nn.Module:
     """The model to train: from scratch, on meta -> parallelize -> materialize (a seeded init); or from
-    `weights` (fine-tuning): built around them on CPU -> `transform` (LoRA, ...) -> parallelize."""
+    `weights` (fine-tuning): built around them on CPU -> `transform` (LoRA, ...) -> parallelize.
+    loss_parallel: the objective takes vocab-sharded logits under tensor parallelism (`loss_fn.loss_parallel`)."""
     from ember.models import from_state_dict
     from ember.parallel import materialize, parallelize
 
@@ -247,13 +248,13 @@ def build_model(mcfg: ModelConfig, dims: ParallelDims, parallel: ParallelConfig,
             raise EmberError("build_model: a transform needs weights to start from")
         with torch.device("meta"):
             model = Transformer(mcfg)
-        model = parallelize(model, dims, parallel)
+        model = parallelize(model, dims, parallel, loss_parallel)
         materialize(model, dims, seed=seed)
         return model
     model = from_state_dict(mcfg, {k: v.clone() for k, v in weights.items()}).train()
     if transform is not None:
         transform(model)
-    return parallelize(model.to(dims.device), dims, parallel)
+    return parallelize(model.to(dims.device), dims, parallel, loss_parallel)
 
 
 def start_run(cfg: RunConfig, dims: ParallelDims, mcfg: ModelConfig, loss_fn: Callable,
@@ -273,6 +274,10 @@ def start_run(cfg: RunConfig, dims: ParallelDims, mcfg: ModelConfig, loss_fn: Ca
     from ember.train.optim import build_optimizer, build_scheduler
 
     check_writable(cfg.run_dir, "run_dir")
+    if dims.tp > 1:  # before anything is written: heads, KV heads, MLP and vocabulary split evenly
+        from ember.parallel.tp import check_tp
+
+        check_tp(mcfg, dims.tp, cfg.parallel.sequence_parallel)
     ckpt = find_resume(cfg)
     if ckpt is not None:
         check_model_matches(ckpt, mcfg)
@@ -282,9 +287,11 @@ def start_run(cfg: RunConfig, dims: ParallelDims, mcfg: ModelConfig, loss_fn: Ca
     barrier(dims)
     log_run_start(run_config or cfg, cfg.run_dir, world_size=dims.world_size, device=str(dims.device))
     tc = cfg.train
-    model = build_model(mcfg, dims, cfg.parallel, tc.seed, weights, transform)
+    model = build_model(mcfg, dims, cfg.parallel, tc.seed, weights, transform,
+                        loss_parallel=bool(getattr(loss_fn, "loss_parallel", False)))
     frozen_models = {name: build_model(fc, dims, cfg.parallel, tc.seed, sd) for name, (fc, sd) in (frozen or {}).items()}
-    torch.manual_seed(tc.seed + 1 + dims.rank)  # dropout streams: distinct per rank, fixed per seed
+    torch.manual_seed(tc.seed + 1 + dims.dp_rank)  # dropout streams: distinct per data-parallel rank (tensor-
+    # parallel peers draw the same masks for their replicated activations), fixed per seed
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.betas, tc.eps)
     scheduler = build_scheduler(optimizer, tc)
     ckpt_meta = {"model_config": mcfg.to_dict(), "config": to_dict(cfg), **(meta or {})}

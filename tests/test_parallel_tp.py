@@ -1,0 +1,223 @@
+"""Tensor / sequence parallel and 2-D layouts (gloo, CPU) == 1 process, through the real Trainer.
+
+Each launch runs `python -m torch.distributed.run --standalone --nproc-per-node N <this file> CASES OUT`
+and batches many layouts into it; every case trains STEPS optimizer steps of the one Trainer (LMLoss,
+AdamW, clipping) on the same global batches, and rank 0 saves each step's loss and every parameter's
+full gradient (`full_tensor()`, taken just before the optimizer step). The test runs the same steps in
+one process here and compares (fp32, 1e-5).
+
+Run alone: .venv/bin/pytest tests/test_parallel_tp.py
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ember.errors import EmberError
+from ember.models import preset
+from ember.parallel import ParallelConfig, ParallelDims, unwrap
+
+ROOT = Path(__file__).resolve().parents[1]
+B, T, STEPS = 4, 16, 3
+
+# name -> (model preset, preset overrides, ParallelConfig kwargs, grad-accumulation micro-steps)
+CASES_2 = {
+    "tp2": ("tiny-llama", {}, dict(tp=2, sequence_parallel=False, loss_parallel=False), 1),
+    "tp2-lossparallel": ("tiny-llama", {}, dict(tp=2, sequence_parallel=False), 1),
+    "tp2-sp": ("tiny-llama", {}, dict(tp=2), 1),  # SP + loss_parallel (the defaults)
+    # GPT-2 style: tied embedding, biases, learned positions, LayerNorm, GELU MLP
+    "tp2-sp-gpt2": ("tiny", {}, dict(tp=2), 1),
+    "tp2-gpt2": ("tiny", {}, dict(tp=2, sequence_parallel=False), 1),
+    "tp2-accum": ("tiny-llama", {}, dict(tp=2), 2),
+    # GQA: 4 query heads over 2 KV heads -> 2 and 1 per rank; MHA-like tied Llama (SmolLM2-style)
+    "tp2-gqa-tied": ("tiny-llama", {"tie_embeddings": True}, dict(tp=2), 1),
+}
+CASES_4 = {
+    "dp2xtp2": ("tiny-llama", {}, dict(tp=2), 1),  # FSDP2 over dp_shard=2 x TP 2
+    "dp2xtp2-gpt2": ("tiny", {}, dict(tp=2), 1),
+    "rep2xtp2": ("tiny-llama", {}, dict(tp=2, dp_replicate=2, dp_shard=1), 1),  # replicas x TP
+    "hsdp": ("tiny-llama", {}, dict(dp_replicate=2, dp_shard=2), 1),  # HSDP: 2 replicas x 2 shards
+    "dp2xtp2-accum": ("tiny", {}, dict(tp=2), 2),
+}
+
+
+def model_config(name: str, overrides: dict):
+    import dataclasses
+
+    return dataclasses.replace(preset(name), **overrides)
+
+
+class GlobalBatches:
+    """The same global batch per step on every layout; this data-parallel rank's slice of it."""
+
+    def __init__(self, vocab: int, dp_rank: int = 0, dp_size: int = 1, accum: int = 1):
+        self.vocab, self.dp_rank, self.dp_size, self.accum = vocab, dp_rank, dp_size, accum
+        self.i = 0
+
+    def next_batch(self):
+        step, micro = divmod(self.i, self.accum)
+        self.i += 1
+        g = torch.Generator().manual_seed(1000 + step)
+        data = torch.randint(0, self.vocab, (B, T + 1), generator=g)
+        data[:, : 1 + (step % 3)] = self.vocab - 1  # make targets (and hence weights) a little uneven
+        x, y = data[:, :-1].clone(), data[:, 1:].clone()
+        y[0, : 2 + step] = -100
+        rows = B // (self.dp_size * self.accum)
+        start = (self.dp_rank * self.accum + micro) * rows
+        return x[start:start + rows], y[start:start + rows]
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, sd):
+        self.i = sd["i"]
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+def run_steps(mcfg, pcfg: ParallelConfig, dims: ParallelDims, accum: int) -> dict:
+    """STEPS Trainer steps; {"loss": [...], "norm": [...], "grads": [{name: full grad}, ...]}."""
+    from ember.train.loop import TrainConfig, Trainer
+    from ember.train.loss import LMLoss
+    from ember.train.optim import build_optimizer, build_scheduler
+    from ember.train.run import build_model
+
+    tc = TrainConfig(max_steps=STEPS, batch_size=B // (dims.dp_size * accum), grad_accum_steps=accum, lr=1e-2,
+                     warmup_steps=0, schedule="constant", grad_clip=0.5, log_every=1, eval_every=0)
+    loss_fn = LMLoss()
+    model = build_model(mcfg, dims, pcfg, seed=0, loss_parallel=loss_fn.loss_parallel)
+    opt = build_optimizer(model, tc.lr, tc.weight_decay, tc.betas, tc.eps)
+    grads: list[dict] = []
+    names = [n for n, _ in unwrap(model).named_parameters()]
+
+    def record(*_):
+        params = dict(unwrap(model).named_parameters())
+        grads.append({n: full(params[n].grad) for n in names})
+
+    opt.register_step_pre_hook(record)
+    loader = GlobalBatches(mcfg.vocab_size, dims.dp_rank, dims.dp_size, accum)
+    tr = Trainer(model, opt, build_scheduler(opt, tc), loader, None, tc, dims, loss_fn=loss_fn, parallel=pcfg)
+    out: dict = {"loss": [], "norm": []}
+    for _ in range(STEPS):
+        rec = tr.train_step()
+        out["loss"].append(rec["loss"])
+        out["norm"].append(rec["grad_norm"])
+    out["grads"] = grads
+    inner = unwrap(model)
+    out["tied"] = inner.output.weight is inner.tok_embeddings.weight
+    out["loss_parallel"] = bool(getattr(inner, "_ember_loss_parallel", False))
+    return out
+
+
+def worker(case_names: list[str], out_path: str) -> None:
+    from ember.parallel import destroy_distributed, init_distributed
+
+    cases = {**CASES_2, **CASES_4}
+    results = {}
+    for name in case_names:
+        model_name, over, kw, accum = cases[name]
+        pcfg = ParallelConfig(**kw)
+        dims = init_distributed(device="cpu", timeout_s=120, parallel=pcfg)
+        results[name] = run_steps(model_config(model_name, over), pcfg, dims, accum)
+        results[name]["dims"] = dims.describe()
+    if int(os.environ["RANK"]) == 0:
+        torch.save(results, out_path)
+    destroy_distributed()
+
+
+def launch(cases: dict, nproc: int, tmp_path: Path, timeout: int = 300) -> dict:
+    out = tmp_path / f"results{nproc}.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           __file__, ",".join(cases), str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    return torch.load(out, weights_only=True)
+
+
+_REFS: dict = {}
+
+
+def reference(model_name: str, over: dict, accum: int) -> dict:
+    key = (model_name, tuple(sorted(over.items())), accum)
+    if key not in _REFS:
+        _REFS[key] = run_steps(model_config(model_name, over), ParallelConfig(), ParallelDims(), accum)
+    return _REFS[key]
+
+
+def check_equal(name: str, got: dict, ref: dict) -> None:
+    assert len(got["grads"]) == STEPS
+    for step in range(STEPS):
+        assert got["loss"][step] == pytest.approx(ref["loss"][step], abs=1e-5, rel=1e-5), (name, step)
+        assert got["norm"][step] == pytest.approx(ref["norm"][step], abs=1e-5, rel=1e-5), (name, step)
+        assert got["grads"][step].keys() == ref["grads"][step].keys()
+        for pname, g in ref["grads"][step].items():
+            torch.testing.assert_close(got["grads"][step][pname], g, atol=1e-5, rtol=1e-5,
+                                       msg=lambda m: f"{name} step {step} {pname}: {m}")
+
+
+@pytest.fixture(scope="module")
+def launched2(tmp_path_factory) -> dict:
+    return launch(CASES_2, 2, tmp_path_factory.mktemp("tp2"))
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("case", list(CASES_2))
+def test_two_process_layouts_equal_single_process(launched2, case):
+    model_name, over, kw, accum = CASES_2[case]
+    got = launched2[case]
+    check_equal(case, got, reference(model_name, over, accum))
+    assert got["loss_parallel"] == kw.get("loss_parallel", True)
+    assert got["tied"] == model_config(model_name, over).tie_embeddings
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_four_process_layouts_equal_single_process(tmp_path):
+    """dp2 x tp2 (FSDP2 x TP), replicas x TP, HSDP, with GPT-2 and accumulation: 4 processes on 2 cores."""
+    results = launch(CASES_4, 4, tmp_path, timeout=600)
+    for case, (model_name, over, kw, accum) in CASES_4.items():
+        check_equal(case, results[case], reference(model_name, over, accum))
+    assert results["dp2xtp2"]["dims"] == "dp_shard 2 x tp 2"
+    assert results["rep2xtp2"]["dims"] == "dp_replicate 2 x tp 2"
+    assert results["hsdp"]["dims"] == "dp_replicate 2 x dp_shard 2"
+
+
+# ------------------------------------------------------------------------------ errors (no launch)
+def test_bad_degree_products_name_the_degrees():
+    from ember.parallel.dims import degrees_from_config, resolve_degrees
+
+    assert resolve_degrees(8, tp=2) == (1, 4, 2, 1)
+    assert resolve_degrees(8, dp_replicate=2, tp=2) == (2, 2, 2, 1)
+    assert degrees_from_config(ParallelConfig(data_parallel="ddp", tp=2), 4) == (2, 1, 2, 1)
+    with pytest.raises(EmberError, match=r"dp_replicate 1 x dp_shard 2 x tp 2 x pp 1 = 4, but the world size is 2"):
+        resolve_degrees(2, dp_shard=2, tp=2)
+    with pytest.raises(EmberError, match="world size 6 is not divisible by .* tp 4"):
+        resolve_degrees(6, tp=4)
+    with pytest.raises(EmberError, match="--parallel.tp 0"):
+        resolve_degrees(2, tp=0)
+
+
+def test_tp_config_checks_name_the_field():
+    from ember.parallel.tp import check_tp
+
+    check_tp(preset("tiny-llama"), 2)
+    with pytest.raises(EmberError, match=r"model.n_kv_head=2 not divisible by 4"):
+        check_tp(preset("tiny-llama"), 4)
+    with pytest.raises(EmberError, match=r"model.vocab_size=511"):
+        check_tp(model_config("tiny", {"vocab_size": 511}), 2)
+    check_tp(model_config("tiny", {"vocab_size": 511}), 2, n_out=1)  # a reward head is not vocab-split
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1].split(","), sys.argv[2])
