@@ -37,6 +37,8 @@ STATE_VERSION = 1
 class TokenLoader:
     """Batches of (inputs (B, T) int64, targets (B, T) int64) from a prepared data dir."""
 
+    resumes_across_dp_sizes = True  # load_state_dict re-cuts a state saved with another dp_size
+
     def __init__(self, data_dir: str | Path, split: str, block_size: int, batch_size: int,
                  dp_rank: int = 0, dp_size: int = 1, seed: int = 0, verify: bool = True):
         if not 0 <= dp_rank < dp_size:
@@ -131,13 +133,29 @@ class TokenLoader:
                 "dp_rank": self.dp_rank, "dp_size": self.dp_size, "tokens": int(self.lengths.sum())}
 
     def load_state_dict(self, sd: dict) -> None:
-        """Resume from `state_dict()`; the settings that define the sequence must be the same."""
-        for key in ("seed", "split", "block_size", "dp_size", "tokens"):
+        """Resume from `state_dict()`; the settings that define the sequence must be the same.
+
+        A state saved with another dp_size continues the same global sample sequence: within an epoch the
+        R ranks together have consumed the first pos x R windows of the permutation, so this rank starts at
+        pos x R / R_new (keep batch_size x dp_size, the global batch, the same for identical batches; the
+        batch that straddles an epoch end may differ, as each rank's epoch is cut to len // R windows)."""
+        for key in ("seed", "split", "block_size", "tokens"):
             if key in sd and sd[key] != self.state_dict()[key]:
                 raise EmberError(f"loader state: {key} is {sd[key]!r} in the checkpoint but {self.state_dict()[key]!r} "
                                  "now, so the sample sequence cannot be continued. HINT: resume with the same "
                                  "data dir and loader settings")
-        self.epoch, self.pos = int(sd["epoch"]), int(sd["pos"])
+        epoch, pos = int(sd["epoch"]), int(sd["pos"])
+        old_dp = int(sd.get("dp_size", self.dp_size))
+        if old_dp != self.dp_size:
+            consumed = pos * old_dp  # windows of this epoch's permutation taken by all ranks together
+            if consumed % self.dp_size:
+                raise EmberError(f"loader state: {consumed} windows of epoch {epoch} were consumed by {old_dp} "
+                                 f"rank(s), which {self.dp_size} ranks cannot split evenly. HINT: resume with a "
+                                 f"data-parallel size that divides {consumed} (keep batch_size x dp_size the same)")
+            pos = consumed // self.dp_size
+            if pos >= len(self._epoch_plan(epoch)):
+                epoch, pos = epoch + 1, 0
+        self.epoch, self.pos = epoch, pos
 
     def num_windows(self) -> int:
         """Windows this rank sees per epoch (epoch 0)."""

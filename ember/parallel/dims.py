@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime
 import gc
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -65,6 +65,7 @@ class ParallelDims:
     """Pipeline-parallel degree (stages cut by layer)."""
     tp_rank: int = 0
     pp_rank: int = 0
+    _dp_mesh: Optional["torch.distributed.device_mesh.DeviceMesh"] = field(default=None, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -85,7 +86,7 @@ class ParallelDims:
     @property
     def dp_mesh(self):
         """1-D mesh of the data-parallel peers (dp_replicate x dp_shard flattened)."""
-        return self.submesh("dp")
+        return self._dp_mesh
 
     @property
     def tp_mesh(self):
@@ -209,11 +210,11 @@ def init_distributed(device: str = "auto", timeout_s: int = 600, parallel=None) 
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(dev.type, (pp, rep, shard, tp), mesh_dim_names=MESH_DIMS)
-    mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
     coord = mesh.get_coordinate()  # this rank's (pp, dp_replicate, dp_shard, tp) indices
     return ParallelDims(world_size=world_size, rank=rank, local_rank=local_rank, dp_size=rep * shard,
                         dp_rank=coord[1] * shard + coord[2], device=dev, mesh=mesh, dp_replicate=rep,
-                        dp_shard=shard, tp=tp, pp=pp, tp_rank=coord[3], pp_rank=coord[0])
+                        dp_shard=shard, tp=tp, pp=pp, tp_rank=coord[3], pp_rank=coord[0], _dp_mesh=dp_mesh)
 
 
 def degrees_from_config(parallel, world_size: int) -> tuple[int, int, int, int]:

@@ -465,7 +465,7 @@ class Trainer:
         self._saved_step = self.step
         return train_state.save_train_state(
             self.run_dir, self.step, self.model, self.optimizer, self.scheduler, self.train_loader,
-            tokens_seen=self.tokens_seen, dp_size=self.dp_size, keep_last=self.cfg.keep_last,
+            tokens_seen=self.tokens_seen, dp_size=self.dp_size, dp_rank=self.dims.dp_rank, keep_last=self.cfg.keep_last,
             model_config=self.ckpt_meta.get("model_config"), config=self.ckpt_meta.get("config"),
             tokenizer_dir=self.ckpt_meta.get("tokenizer_dir"), extra={"skipped": self.skipped})
 
@@ -475,7 +475,7 @@ class Trainer:
         The optimizer hyperparameters of this run's config win over the checkpoint's (lr, min_lr and
         the schedule through the scheduler, weight decay, betas, eps), so a changed --train.lr applies."""
         meta = train_state.load_train_state(ckpt, self.model, self.optimizer, self.scheduler, self.train_loader,
-                                            dp_size=self.dp_size)
+                                            dp_size=self.dp_size, dp_rank=self.dims.dp_rank)
         self.step, self.tokens_seen = int(meta["step"]), int(meta.get("tokens_seen", 0))
         self._saved_step = self.step
         self.skipped = int(meta.get("extra", {}).get("skipped", 0))

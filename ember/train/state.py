@@ -116,7 +116,7 @@ def set_rng_state(state: dict) -> None:
 # ------------------------------------------------------------------------------------ save
 def save_train_state(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                      scheduler: Any = None, loader: Any = None, *, tokens_seen: int = 0, dp_size: int = 1,
-                     model_config: Optional[dict] = None, config: Optional[dict] = None,
+                     dp_rank: int = 0, model_config: Optional[dict] = None, config: Optional[dict] = None,
                      tokenizer_dir: Optional[str] = None, extra: Optional[dict] = None,
                      keep_last: int = 0) -> Path:
     """Save a training checkpoint for `step` (collective: call on every rank). Returns its path.
@@ -132,8 +132,8 @@ def save_train_state(run_dir: str | Path, step: int, model: nn.Module, optimizer
         tmp.mkdir(parents=True)
     _barrier()
     try:
-        _write_state(tmp, step, model, optimizer, scheduler, loader, tokens_seen, dp_size, model_config, config,
-                     tokenizer_dir, extra)
+        _write_state(tmp, step, model, optimizer, scheduler, loader, tokens_seen, dp_size, dp_rank, model_config,
+                     config, tokenizer_dir, extra)
     except (OSError, RuntimeError, CheckpointException) as e:  # disk full, quota, permissions: keep what was there
         if isinstance(e, RuntimeError) and "writ" not in str(e).lower():  # torch.save: "file write failed"
             raise
@@ -157,12 +157,12 @@ _TRAINABLE = StateDictOptions(ignore_frozen_params=True)
 
 
 def _write_state(tmp: Path, step: int, model, optimizer, scheduler, loader, tokens_seen: int, dp_size: int,
-                 model_config, config, tokenizer_dir, extra) -> None:
+                 dp_rank: int, model_config, config, tokenizer_dir, extra) -> None:
     msd, osd = get_state_dict(model, optimizer, options=_TRAINABLE)
     with _quiet_dcp():
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
     per_rank = {"loader": loader.state_dict() if loader is not None else None, "rng": rng_state(),
-                "extra": dict(extra or {})}
+                "extra": dict(extra or {}), "dp_rank": dp_rank}
     torch.save(per_rank, tmp / f"rank_{_rank():05d}.pt")
     if _rank() == 0:
         if scheduler is not None:
@@ -205,12 +205,15 @@ def read_trainer_meta(ckpt: str | Path) -> dict:
 
 def load_train_state(ckpt: str | Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                      scheduler: Any = None, loader: Any = None, *, dp_size: int = 1,
-                     restore_rng: bool = True) -> dict:
+                     dp_rank: Optional[int] = None, restore_rng: bool = True) -> dict:
     """Restore a training checkpoint into built (and parallelized) objects; collective.
 
-    Model and optimizer load at any world size (DCP reshards). Loader and RNG states are per rank:
-    they are restored only when the data-parallel size is unchanged (otherwise a warning: the data
-    order then differs from the original run). Returns trainer.json plus this rank's "extra".
+    Model and optimizer load at any layout (DCP reshards DTensors of any mesh). Loader and RNG states are
+    per data-parallel rank (tensor- and pipeline-parallel peers share them): with the same dp_size they
+    are restored whatever the world size; with another one a loader that can re-cut its sample sequence
+    (TokenLoader) continues it and the RNG starts afresh; otherwise a warning says the data order differs.
+    dp_rank: this process's data-parallel rank (default: its global rank). Returns trainer.json plus
+    this rank's "extra".
     """
     ckpt = Path(ckpt)
     meta = read_trainer_meta(ckpt)
@@ -228,19 +231,39 @@ def load_train_state(ckpt: str | Path, model: nn.Module, optimizer: Optional[tor
     if scheduler is not None and (ckpt / "scheduler.pt").is_file():
         scheduler.load_state_dict(load_pt(ckpt / "scheduler.pt"))
     meta["extra"] = {}
-    rank_file = ckpt / f"rank_{_rank():05d}.pt"
-    if meta.get("dp_size", 1) == dp_size and meta.get("world_size", 1) == _world() and rank_file.is_file():
-        per_rank = load_pt(rank_file)
+    files = sorted(ckpt.glob("rank_*.pt"))
+    saved = {}  # data-parallel rank -> the first rank file that holds it (tensor/pipeline peers hold the same)
+    for f in files:
+        per_rank = load_pt(f)
+        saved.setdefault(int(per_rank.get("dp_rank", int(f.stem.split("_")[1]))), per_rank)
+    my_dp = dp_rank if dp_rank is not None else _rank()
+    if meta.get("dp_size", 1) == dp_size and my_dp in saved:
+        per_rank = saved[my_dp]
         if loader is not None and per_rank["loader"] is not None:
             loader.load_state_dict(per_rank["loader"])
         if restore_rng:
             set_rng_state(per_rank["rng"])
         meta["extra"] = per_rank.get("extra", {})
+        if meta.get("world_size", 1) != _world():
+            log(f"{ckpt}: saved on {meta.get('world_size')} process(es), resumed on {_world()} with the same "
+                f"data-parallel size {dp_size}: model and optimizer resharded, data order and RNG continued")
+    elif saved and loader is not None and _loader_converts(loader):
+        per_rank = saved[min(saved)]
+        loader.load_state_dict(per_rank["loader"])  # the same global sample sequence, re-cut for dp_size
+        meta["extra"] = per_rank.get("extra", {})
+        log(f"{ckpt}: data-parallel size {meta.get('dp_size')} -> {dp_size}: model and optimizer resharded, the "
+            "data order continued (the global batch must stay the same: batch_size x dp_size); dropout RNG "
+            "streams start afresh")
     elif loader is not None or restore_rng:
         warn(f"{ckpt}: saved with world size {meta.get('world_size')} (dp {meta.get('dp_size')}), now "
              f"{_world()} (dp {dp_size}): model and optimizer are resharded, but the data order and RNG "
              "streams start afresh, so losses will not match the original run exactly.")
     return meta
+
+
+def _loader_converts(loader: Any) -> bool:
+    """Loaders whose state can be re-cut for another data-parallel size (TokenLoader says so)."""
+    return bool(getattr(loader, "resumes_across_dp_sizes", False))
 
 
 def load_model_state(ckpt: str | Path, model: nn.Module) -> None:
