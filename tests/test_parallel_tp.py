@@ -37,6 +37,14 @@ CASES_2 = {
     "tp2-accum": ("tiny-llama", {}, dict(tp=2), 2),
     # GQA: 4 query heads over 2 KV heads -> 2 and 1 per rank; MHA-like tied Llama (SmolLM2-style)
     "tp2-gqa-tied": ("tiny-llama", {"tie_embeddings": True}, dict(tp=2), 1),
+    # pipeline: 4 blocks + embedding + head = 6 layers over the stages
+    "pp2-gpipe": ("tiny-llama", {"n_layer": 4}, dict(pp=2, pp_schedule="gpipe"), 1),
+    "pp2-1f1b": ("tiny-llama", {"n_layer": 4}, dict(pp=2, pp_schedule="1f1b"), 1),
+    "pp2-interleaved": ("tiny-llama", {"n_layer": 4}, dict(pp=2, pp_schedule="interleaved-1f1b"), 1),
+    "pp2-zbv": ("tiny-llama", {"n_layer": 4}, dict(pp=2, pp_schedule="zbv"), 1),
+    "pp2-accum": ("tiny-llama", {"n_layer": 4}, dict(pp=2, pp_microbatches=2), 2),
+    "pp2-tied": ("tiny", {"n_layer": 4}, dict(pp=2), 1),  # GPT-2: tied embedding on the first and last stage
+    "pp2-tied-zbv": ("tiny", {"n_layer": 4}, dict(pp=2, pp_schedule="zbv"), 1),  # both copies on rank 0
 }
 CASES_4 = {
     "dp2xtp2": ("tiny-llama", {}, dict(tp=2), 1),  # FSDP2 over dp_shard=2 x TP 2
@@ -44,6 +52,14 @@ CASES_4 = {
     "rep2xtp2": ("tiny-llama", {}, dict(tp=2, dp_replicate=2, dp_shard=1), 1),  # replicas x TP
     "hsdp": ("tiny-llama", {}, dict(dp_replicate=2, dp_shard=2), 1),  # HSDP: 2 replicas x 2 shards
     "dp2xtp2-accum": ("tiny", {}, dict(tp=2), 2),
+    "pp2xtp2": ("tiny-llama", {"n_layer": 4}, dict(pp=2, tp=2), 1),
+    "pp2xdp2": ("tiny-llama", {"n_layer": 4}, dict(pp=2), 1),  # FSDP2 x PP: 2 sequences per rank, 2 microbatches
+    "pp2xdp2-tied": ("tiny", {"n_layer": 4}, dict(pp=2), 1),
+}
+
+CASES_8 = {
+    "dp2xtp2xpp2": ("tiny-llama", {"n_layer": 4}, dict(tp=2, pp=2), 1),  # FSDP2 x TP (SP) x PP, 8 processes
+    "dp2xtp2xpp2-tied": ("tiny", {"n_layer": 4}, dict(tp=2, pp=2, pp_schedule="gpipe"), 1),
 }
 
 
@@ -98,11 +114,19 @@ def run_steps(mcfg, pcfg: ParallelConfig, dims: ParallelDims, accum: int) -> dic
     model = build_model(mcfg, dims, pcfg, seed=0, loss_parallel=loss_fn.loss_parallel)
     opt = build_optimizer(model, tc.lr, tc.weight_decay, tc.betas, tc.eps)
     grads: list[dict] = []
-    names = [n for n, _ in unwrap(model).named_parameters()]
+    parts = list(model.parts) if dims.pp > 1 else [unwrap(model)]
+    named = [(n, p) for part in parts for n, p in part.named_parameters()
+             if not getattr(p, "_ember_tied_copy", False)]  # a pipeline's head copy of a tied embedding
 
     def record(*_):
-        params = dict(unwrap(model).named_parameters())
-        grads.append({n: full(params[n].grad) for n in names})
+        mine = {n: full(p.grad) for n, p in named}
+        if dims.pp > 1:  # every stage's gradients, on every rank
+            import torch.distributed as dist
+
+            everyone = [None] * dims.pp
+            dist.all_gather_object(everyone, mine, group=model.pp_group)
+            mine = {k: v for d in everyone for k, v in d.items()}
+        grads.append(mine)
 
     opt.register_step_pre_hook(record)
     loader = GlobalBatches(mcfg.vocab_size, dims.dp_rank, dims.dp_size, accum)
@@ -114,6 +138,10 @@ def run_steps(mcfg, pcfg: ParallelConfig, dims: ParallelDims, accum: int) -> dic
         out["norm"].append(rec["grad_norm"])
     out["grads"] = grads
     inner = unwrap(model)
+    if dims.pp > 1:
+        out["tied"] = model.tied
+        out["loss_parallel"] = False
+        return out
     out["tied"] = inner.output.weight is inner.tok_embeddings.weight
     out["loss_parallel"] = bool(getattr(inner, "_ember_loss_parallel", False))
     return out
@@ -122,7 +150,7 @@ def run_steps(mcfg, pcfg: ParallelConfig, dims: ParallelDims, accum: int) -> dic
 def worker(case_names: list[str], out_path: str) -> None:
     from ember.parallel import destroy_distributed, init_distributed
 
-    cases = {**CASES_2, **CASES_4}
+    cases = {**CASES_2, **CASES_4, **CASES_8}
     results = {}
     for name in case_names:
         model_name, over, kw, accum = cases[name]
@@ -177,7 +205,7 @@ def test_two_process_layouts_equal_single_process(launched2, case):
     model_name, over, kw, accum = CASES_2[case]
     got = launched2[case]
     check_equal(case, got, reference(model_name, over, accum))
-    assert got["loss_parallel"] == kw.get("loss_parallel", True)
+    assert got["loss_parallel"] == (kw.get("loss_parallel", True) and kw.get("pp", 1) == 1)
     assert got["tied"] == model_config(model_name, over).tie_embeddings
 
 
@@ -191,6 +219,16 @@ def test_four_process_layouts_equal_single_process(tmp_path):
     assert results["dp2xtp2"]["dims"] == "dp_shard 2 x tp 2"
     assert results["rep2xtp2"]["dims"] == "dp_replicate 2 x tp 2"
     assert results["hsdp"]["dims"] == "dp_replicate 2 x dp_shard 2"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_eight_process_3d_layout_equals_single_process(tmp_path):
+    """dp2 x tp2 x pp2: FSDP2, tensor + sequence parallel and a pipeline at once (8 processes on 2 cores)."""
+    results = launch(CASES_8, 8, tmp_path, timeout=900)
+    for case, (model_name, over, kw, accum) in CASES_8.items():
+        check_equal(case, results[case], reference(model_name, over, accum))
+        assert results[case]["dims"] == "dp_shard 2 x tp 2 x pp 2"
 
 
 # ------------------------------------------------------------------------------ errors (no launch)

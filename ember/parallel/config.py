@@ -6,7 +6,7 @@ One dataclass for one concern; a recipe config nests it as `parallel` (`--parall
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 
 @dataclass
@@ -23,6 +23,18 @@ class ParallelConfig:
     """Tensor-parallel degree: every block's q/k/v and gate/up projections split by output column,
     the output projections by input row (Megatron-LM); n_head and n_kv_head must divide by it. Peers
     of one tensor-parallel group read the same batch."""
+    pp: int = 1
+    """Pipeline-parallel degree: the model is cut by layer into stages on pp processes (the embedding
+    and the head count as layers). Language-model objectives (pretrain) only."""
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved-1f1b", "zbv"] = "1f1b"
+    """gpipe: all forwards, then all backwards; 1f1b: one forward one backward (less activation
+    memory); interleaved-1f1b: pp_virtual_stages stages per rank (a smaller bubble); zbv: zero-bubble
+    V schedule, two stages per rank, backward split into input and weight parts."""
+    pp_microbatches: int = 0
+    """Microbatches each batch is cut into for the pipeline (0 = pp x stages per rank); must divide
+    --train.batch-size."""
+    pp_virtual_stages: int = 2
+    """Stages per rank for interleaved-1f1b."""
     sequence_parallel: bool = True
     """With tp > 1: norms and the residual stream between blocks are split along the sequence
     (activation memory / tp); the projections gather it. Off: replicated, all-reduce after each block half."""
@@ -37,10 +49,11 @@ class ParallelConfig:
     state sharded over dp_shard; HSDP when dp_replicate > 1 too). With tp > 1 replicas are FSDP2 over
     the replicate dimension (DDP does not take DTensor parameters). With one data-parallel process every
     mode is 'none'."""
-    reshard_after_forward: bool = True
+    reshard_after_forward: Optional[bool] = None
     """FSDP2 only. True: free the gathered parameters after each block's forward and gather them
     again for backward (ZeRO-3-like, least memory). False: keep them until backward (ZeRO-2-like,
-    one all-gather per step less, more memory)."""
+    one all-gather per step less, more memory). None: True, but False under pipeline parallelism
+    (every microbatch would gather the stage's parameters again)."""
     mixed_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Compute dtype. fp32: everything fp32 (use this on CPU: bf16/fp16 GEMMs are very slow there).
     bf16: FSDP2 MixedPrecisionPolicy (bf16 params in compute, fp32 gradient reduction, fp32 master

@@ -38,19 +38,27 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig, **extr
     from torch.distributed.fsdp import fully_shard
 
     kw = {**fsdp_kwargs(dims, cfg), **extra}
+    raf = reshard_after_forward(cfg, dims)
     tied = model.output is not None and model.tok_embeddings is not None and (
         model.output.weight is model.tok_embeddings.weight)
     if model.tok_embeddings is not None and not tied:
-        fully_shard(model.tok_embeddings, reshard_after_forward=cfg.reshard_after_forward, **kw)
+        fully_shard(model.tok_embeddings, reshard_after_forward=raf, **kw)
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # the last block's parameters are needed again at once by backward: keep them gathered
-        reshard = cfg.reshard_after_forward and i < len(blocks) - 1
+        reshard = raf and i < len(blocks) - 1
         fully_shard(block, reshard_after_forward=reshard, **kw)
     if model.output is not None and not tied:
         fully_shard(model.output, reshard_after_forward=False, **kw)  # backward starts here
-    fully_shard(model, reshard_after_forward=cfg.reshard_after_forward, **kw)
+    fully_shard(model, reshard_after_forward=raf, **kw)
     return model
+
+
+def reshard_after_forward(cfg: ParallelConfig, dims: ParallelDims) -> bool:
+    """The config's choice; unset: True, but False under pipeline parallelism."""
+    if cfg.reshard_after_forward is not None:
+        return bool(cfg.reshard_after_forward)
+    return dims.pp <= 1
 
 
 def apply_ddp(model: nn.Module, dims: ParallelDims) -> nn.Module:

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from typing import ContextManager, Iterable
+from typing import ContextManager, Iterable, Optional
 
 import torch
 from torch import nn
 
 
 @torch.no_grad()
-def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
-    """The total L2 norm of all gradients (full, identical on every rank), as an fp32 0-dim tensor."""
+def grad_norm(params: Iterable[torch.Tensor], pp_group=None) -> torch.Tensor:
+    """The total L2 norm of all gradients (full, identical on every rank), as an fp32 0-dim tensor.
+
+    pp_group: under pipeline parallelism each rank holds other parameters; their squared norms are
+    summed over this group."""
     from torch.distributed.tensor import DTensor
 
     groups: dict = defaultdict(list)
@@ -26,30 +29,44 @@ def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
             g = p.grad
             key = (g.device_mesh, g.device) if isinstance(g, DTensor) else (None, g.device)
             groups[key].append(g)
-    if not groups:
-        return torch.zeros(())
     squares = []
     for gs in groups.values():
         n = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs)).float())  # this group's norm
         if isinstance(n, DTensor):
             n = n.full_tensor()  # partial norms -> all-reduced full norm
         squares.append(n.square())
-    device = squares[0].device
-    return torch.stack([s.to(device) for s in squares]).sum().sqrt()
+    if pp_group is None and not squares:
+        return torch.zeros(())
+    device = squares[0].device if squares else _group_device(pp_group)
+    total = torch.stack([s.to(device) for s in squares]).sum() if squares else torch.zeros((), device=device)
+    if pp_group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(total, group=pp_group)
+    return total.sqrt()
+
+
+def _group_device(group) -> torch.device:
+    import torch.distributed as dist
+
+    backend = dist.get_backend(group)
+    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(backend) else torch.device("cpu")
 
 
 @torch.no_grad()
-def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, pp_group=None,
+                    counted: Optional[Iterable[torch.Tensor]] = None) -> torch.Tensor:
     """Scale gradients in place so their total L2 norm is at most max_norm; returns the norm before.
 
     Same arithmetic as torch.nn.utils.clip_grad_norm_ (coefficient max_norm / (norm + 1e-6), clamped to
     1); max_norm <= 0 only measures. A non-finite norm leaves the gradients unscaled for the caller to
-    detect.
+    detect. pp_group: sum the norm over pipeline stages; counted: the parameters whose gradients enter
+    the norm (default all; a pipeline's tied head copy is scaled but not counted twice).
     """
     from torch.distributed.tensor import DTensor
 
     params = [p for p in params if p.grad is not None]
-    total = grad_norm(params)
+    total = grad_norm(params if counted is None else counted, pp_group)
     if max_norm <= 0 or not params:
         return total
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)

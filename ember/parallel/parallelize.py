@@ -24,7 +24,7 @@ from ember.log import log, warn
 from ember.parallel.ac import apply_activation_checkpointing
 from ember.parallel.config import ParallelConfig
 from ember.parallel.dims import ParallelDims
-from ember.parallel.fsdp import apply_ddp, apply_fsdp
+from ember.parallel.fsdp import apply_ddp, apply_fsdp, reshard_after_forward
 
 # above this many parameters `materialize` of a sharded model does not build a full CPU copy to
 # initialise from: each rank initialises its own shards (valid, but not equal to a 1-process init)
@@ -32,6 +32,7 @@ FULL_INIT_MAX_PARAMS = 2_000_000_000
 
 
 _CHOICES = {"data_parallel": ("auto", "none", "ddp", "fsdp"), "mixed_precision": ("fp32", "bf16", "fp16"),
+            "pp_schedule": ("gpipe", "1f1b", "interleaved-1f1b", "zbv"),
             "activation_checkpointing": ("none", "full", "selective")}
 
 
@@ -52,8 +53,8 @@ def resolve_data_parallel(cfg: ParallelConfig, dims: ParallelDims) -> str:
     check_config(cfg)
     if dims.dp_size == 1 or cfg.data_parallel == "none":
         return "none"
-    if dims.tp > 1:
-        return "fsdp"  # replicas of tensor-parallel DTensors: FSDP2 on the (dp_replicate, dp_shard) mesh
+    if dims.tp > 1 or dims.pp > 1:
+        return "fsdp"  # replicas of tensor-parallel DTensors / pipeline parts: FSDP2 on the (dp_replicate, dp_shard) mesh
     return "ddp" if cfg.data_parallel == "ddp" else "fsdp"
 
 
@@ -97,7 +98,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig, loss_
     if cfg.mixed_precision != "fp32" and dims.device.type == "cpu":
         warn(f"mixed_precision={cfg.mixed_precision} on CPU: bf16/fp16 matmuls are ~30x slower than fp32 "
              "on CPUs without AMX; use fp32 there")
-    if mode != "fsdp" and (cfg.cpu_offload or not cfg.reshard_after_forward):
+    if mode != "fsdp" and (cfg.cpu_offload or cfg.reshard_after_forward is False):
         warn(f"parallel: cpu_offload / reshard_after_forward apply to FSDP2 only; ignored with {mode!r} "
              f"(world size {dims.world_size})")
     meta = is_meta(model)
@@ -127,7 +128,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig, loss_
         model = apply_ddp(model, dims)
     log(f"parallel: {mode}, world {dims.world_size} ({dims.describe()}), device {dims.device}, precision {cfg.mixed_precision}, "
         f"AC {cfg.activation_checkpointing}, compile {cfg.compile}"
-        + (f", reshard_after_forward {cfg.reshard_after_forward}, cpu_offload {cfg.cpu_offload}"
+        + (f", reshard_after_forward {reshard_after_forward(cfg, dims)}, cpu_offload {cfg.cpu_offload}"
            if mode == "fsdp" else "")
         + (f", sequence_parallel {cfg.sequence_parallel}, loss_parallel {getattr(model, '_ember_loss_parallel', False)}"
            if dims.tp > 1 else ""))
@@ -148,7 +149,7 @@ def materialize(model: nn.Module, dims: ParallelDims, seed: int, init_device: Op
     if is_meta(inner):
         inner.to_empty(device=device)
     inner.tie_weights()
-    if not is_sharded(inner):
+    if not is_sharded(inner) and not getattr(inner, "_ember_pp_part", False):
         inner.init_weights(seed)
         return
     cfg = inner.cfg
@@ -157,7 +158,7 @@ def materialize(model: nn.Module, dims: ParallelDims, seed: int, init_device: Op
             "(weights differ from a 1-process init with the same seed)")
         inner.init_weights(seed)
         return
-    _init_from_full_copy(inner, seed, dims.device)
+    _init_from_full_copy(inner, seed, dims.device if is_sharded(inner) else device)
     _check_tied(inner)
 
 
@@ -175,12 +176,12 @@ def _init_from_full_copy(model: nn.Module, seed: int, device: torch.device) -> N
         ref = Transformer(model.cfg)
     ref.to_empty(device=device)
     ref.init_weights(seed)
-    full = dict(ref.named_parameters())
-    full.update(ref.named_buffers())
+    full = dict(ref.named_buffers())
+    full.update(ref.state_dict(keep_vars=True))  # a tied head's key too (a pipeline part's own copy)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         src = full[name]
         if isinstance(t, DTensor):
-            src = distribute_tensor(src, t.device_mesh, t.placements, src_data_rank=None).to_local()
+            src = distribute_tensor(src.detach(), t.device_mesh, t.placements, src_data_rank=None).to_local()
             t.to_local().copy_(src)
         else:
             t.copy_(src)

@@ -75,6 +75,16 @@ def _sequence_split(tp_mesh):
     return split
 
 
+def _sequence_gather(tp_mesh):
+    """(B, T/tp, C) sequence shards -> the whole (B, T, C) on every TP rank (backward: this rank's chunk)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        return DTensor.from_local(x, tp_mesh, [Shard(1)], run_check=False).redistribute(
+            placements=[Replicate()]).to_local()
+    return gather
+
+
 def block_plan(sequence_parallel: bool, mlp: str) -> dict:
     """module name (inside a Block) -> ParallelStyle."""
     from torch.distributed.tensor import Replicate, Shard
@@ -145,5 +155,11 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = True, loss_par
             return (split(x), *args[1:])
 
         first.register_forward_pre_hook(pre_hook)
+        if model.norm is None and model.output is None:
+            # a pipeline stage before the last: hand the next stage the whole sequence (its positions,
+            # masks and RoPE are computed from the sequence length it receives)
+            last = list(model.layers.values())[-1]
+            gather = _sequence_gather(tp_mesh)
+            last.register_forward_hook(lambda module, args, out: gather(out))
     model._ember_loss_parallel = loss_parallel and model.output is not None and model.n_out is None
     model._ember_tp = tp

@@ -330,7 +330,25 @@ class Trainer:
         from ember.parallel import clip_grad_norm_
 
         # grad_clip <= 0 only measures the norm
-        return clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], self.cfg.grad_clip)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self._pipeline:  # every stage's gradients count, a tied head copy once
+            counted = {id(p) for p in self.model.norm_params()}
+            return clip_grad_norm_(params, self.cfg.grad_clip, pp_group=self.model.pp_group,
+                                   counted=[p for p in params if id(p) in counted])
+        return clip_grad_norm_(params, self.cfg.grad_clip)
+
+    @property
+    def _pipeline(self) -> bool:
+        """The model is a parallel.pp.PipelineModel (its schedule runs forward + backward)."""
+        return hasattr(self.model, "sync_tied_grads")
+
+    def _pipeline_batch(self, batch: Any) -> tuple:
+        """(inputs, targets, summed-loss function) of a batch for the pipeline schedule."""
+        split = getattr(self.loss_fn, "pipeline_loss", None)
+        if split is None:
+            raise EmberError(f"pipeline parallelism runs next-token objectives only; {type(self.loss_fn).__name__} "
+                             "is not one. HINT: train it with data and tensor parallelism (--parallel.tp, FSDP2)")
+        return split(batch)
 
     def _weights(self, batches: list) -> tuple[list[float], float]:
         """Units of each micro-batch (before any forward) and of the whole step over all ranks."""
@@ -365,6 +383,11 @@ class Trainer:
         denom = total / self.dp_size  # DDP/FSDP2 average gradients over dp ranks
         sums: dict[str, torch.Tensor] = {}
         for micro, (batch, weight) in enumerate(zip(batches, weights)):
+            if self._pipeline:  # the schedule runs forward and backward, microbatched, over the stages
+                with self._autocast():
+                    loss = self.model.step(*self._pipeline_batch(batch), denom)
+                sums["loss"] = sums.get("loss", 0) + loss.double()
+                continue
             with self._loss_parallel():  # forward and backward (tensor-parallel vocab-sharded logits)
                 with self._no_sync(micro < len(batches) - 1), self._autocast():
                     out = self._checked(self.loss_fn(self.model, batch), weight)
@@ -372,6 +395,8 @@ class Trainer:
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             for k, v in {"loss": out.loss, **out.metrics}.items():
                 sums[k] = sums.get(k, 0) + _local(v.detach()).double()
+        if self._pipeline:
+            self.model.sync_tied_grads()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = self._clip()  # the full norm, the same on every rank
@@ -434,6 +459,12 @@ class Trainer:
         total = 0.0
         for batch in self._eval_batches(n):
             batch = _to_device(batch, self.device)
+            if self._pipeline:
+                with self._autocast():
+                    loss = self.model.evaluate(*self._pipeline_batch(batch))
+                total += float(self.loss_fn.weight(batch))
+                sums["loss"] = sums.get("loss", 0) + loss.double()
+                continue
             with self._loss_parallel(), self._autocast():
                 out = self.loss_fn(self.model, batch)
             total += float(out.weight)

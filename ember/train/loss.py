@@ -26,6 +26,7 @@ from typing import Any, Optional, Protocol
 import torch
 import torch.nn.functional as F
 
+from ember.errors import EmberError
 from ember.train.fused_loss import can_fuse, fused_linear_cross_entropy
 
 IGNORE_INDEX = -100
@@ -105,6 +106,15 @@ class LMLoss:
 
     def weight(self, batch: Any) -> float:
         return float((self._unpack(batch)[1] != IGNORE_INDEX).sum())
+
+    def pipeline_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """(inputs, targets, loss_sum(logits, targets)) for a pipeline schedule: the last stage's logits
+        go through `loss_sum`, the summed cross-entropy (the Trainer divides by the step's weight)."""
+        inputs, targets, kw = self._unpack(batch)
+        if kw or self.cfg.z_loss:
+            raise EmberError("pipeline parallelism: packed rows (positions / attention masks) and z-loss are not "
+                             "supported under --parallel.pp. HINT: pad instead of packing, or drop --loss.z-loss")
+        return inputs, targets, lambda logits, tg: cross_entropy(logits, tg, reduction="sum")
 
     def __call__(self, model: torch.nn.Module, batch: Any) -> LossOutput:
         inputs, targets, kw = self._unpack(batch)

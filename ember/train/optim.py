@@ -40,7 +40,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             if p is None or id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
-            skip = isinstance(mod, _NO_DECAY_MODULES) or name == "bias" or p.dim() < 2
+            skip = (isinstance(mod, _NO_DECAY_MODULES) or name == "bias" or p.dim() < 2
+                    or getattr(p, "_ember_tied_copy", False))  # a pipeline's copy of the tied embedding
             (no_decay if skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]

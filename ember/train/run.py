@@ -243,6 +243,13 @@ def build_model(mcfg: ModelConfig, dims: ParallelDims, parallel: ParallelConfig,
     from ember.models import from_state_dict
     from ember.parallel import materialize, parallelize
 
+    if dims.pp > 1:
+        if weights is not None or transform is not None:
+            raise EmberError("pipeline parallelism (--parallel.pp > 1) trains from scratch (ember pretrain) for now. "
+                             "HINT: fine-tune with data and tensor parallelism (--parallel.tp, FSDP2)")
+        from ember.parallel.pp import build_pipeline
+
+        return build_pipeline(mcfg, dims, parallel, seed)
     if weights is None:
         if transform is not None:
             raise EmberError("build_model: a transform needs weights to start from")

@@ -158,7 +158,7 @@ _TRAINABLE = StateDictOptions(ignore_frozen_params=True)
 
 def _write_state(tmp: Path, step: int, model, optimizer, scheduler, loader, tokens_seen: int, dp_size: int,
                  dp_rank: int, model_config, config, tokenizer_dir, extra) -> None:
-    msd, osd = get_state_dict(model, optimizer, options=_TRAINABLE)
+    msd, osd = get_state_dict(_parts(model), optimizer, options=_TRAINABLE)
     with _quiet_dcp():
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
     per_rank = {"loader": loader.state_dict() if loader is not None else None, "rng": rng_state(),
@@ -218,13 +218,13 @@ def load_train_state(ckpt: str | Path, model: nn.Module, optimizer: Optional[tor
     ckpt = Path(ckpt)
     meta = read_trainer_meta(ckpt)
     if optimizer is not None:
-        msd, osd = get_state_dict(model, optimizer, options=_TRAINABLE)
+        msd, osd = get_state_dict(_parts(model), optimizer, options=_TRAINABLE)
         sd = {"model": msd, "optim": osd}
         with _quiet_dcp():
             dcp_load(sd, ckpt / "dcp")
         # strict=False: the frozen parameters are deliberately absent; every trainable one was loaded by
         # DCP above (it fails on a key the checkpoint lacks)
-        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+        set_state_dict(_parts(model), optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
                        options=StateDictOptions(ignore_frozen_params=True, strict=False))
     else:
         load_model_state(ckpt, model)
@@ -270,18 +270,43 @@ def load_model_state(ckpt: str | Path, model: nn.Module) -> None:
     """Load only the model weights of a training checkpoint (any world size, no optimizer needed)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    msd = get_model_state_dict(model)
+    msd = get_model_state_dict(_parts(model))
     sd = {"model": msd}
     with _quiet_dcp():
         dcp_load(sd, Path(ckpt) / "dcp")
-    set_model_state_dict(model, sd["model"])
+    set_model_state_dict(_parts(model), sd["model"])
 
 
 # ------------------------------------------------------------------------------------ export
+def _parts(model: nn.Module):
+    """What DCP and the state-dict helpers take: a pipeline's list of stage parts (their parameter names
+    are the whole model's), else the model."""
+    parts = getattr(model, "parts", None)
+    return list(parts) if parts is not None and hasattr(model, "sync_tied_grads") else model
+
+
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's weights as plain CPU tensors on rank 0 (collective; other ranks get {})."""
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=opts)
+    """The whole model's weights as plain CPU tensors on rank 0 (collective; other ranks get {}).
+
+    Under pipeline parallelism each pipeline rank gathers its stages' weights (over its data/tensor
+    mesh) and rank 0 collects every stage's over the pipeline group."""
+    parts = _parts(model)
+    if not isinstance(parts, list):
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    mine: dict[str, torch.Tensor] = {}
+    for part in parts:  # every rank gets the full tensors of its own parts (rank 0 of the pp group merges)
+        sd = get_model_state_dict(part, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+        mine.update({k: v.detach().cpu() for k, v in sd.items()})
+    group = model.pp_group
+    dst = dist.get_global_rank(group, 0)
+    gathered = [None] * dist.get_world_size(group) if dist.get_rank() == dst else None
+    dist.gather_object(mine, gathered, dst=dst, group=group)
+    if _rank() != 0:
+        return {}
+    out: dict[str, torch.Tensor] = {}
+    for sd in gathered:
+        out.update(sd)
+    return out
 
 
 def export_final(model: nn.Module, out_dir: str | Path, tokenizer_dir: Optional[str | Path] = None,
