@@ -169,6 +169,20 @@ class PipelineModel(nn.Module):
             self._tied_pg = mine
         return self._tied_pg
 
+    def state_view(self) -> nn.Module:
+        """One module over this rank's parts whose parameter names are the whole model's (layers.3...,
+        tok_embeddings.weight, output.weight): what DCP saves and loads, so a checkpoint moves between
+        pipeline and non-pipeline layouts."""
+        if getattr(self, "_view", None) is None:
+            view = nn.Module()
+            view.layers = nn.ModuleDict({k: b for part in self.parts for k, b in part.layers.items()})
+            for attr in ("tok_embeddings", "pos_embeddings", "norm", "output"):
+                part = self._part_with(attr)
+                if part is not None:
+                    setattr(view, attr, getattr(part, attr))
+            object.__setattr__(self, "_view", view)  # not a registered child (no second name for the weights)
+        return self._view
+
     def norm_params(self) -> list[torch.Tensor]:
         """Parameters whose gradients count in the global norm (the tied head copy is counted once)."""
         return [p for p in self.parameters() if not getattr(p, "_ember_tied_copy", False)]

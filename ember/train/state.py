@@ -278,11 +278,10 @@ def load_model_state(ckpt: str | Path, model: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------ export
-def _parts(model: nn.Module):
-    """What DCP and the state-dict helpers take: a pipeline's list of stage parts (their parameter names
-    are the whole model's), else the model."""
-    parts = getattr(model, "parts", None)
-    return list(parts) if parts is not None and hasattr(model, "sync_tied_grads") else model
+def _parts(model: nn.Module) -> nn.Module:
+    """What DCP and the state-dict helpers take: a pipeline's view of its stage parts under the whole
+    model's parameter names (PipelineModel.state_view), else the model."""
+    return model.state_view() if hasattr(model, "state_view") else model
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -290,13 +289,11 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Under pipeline parallelism each pipeline rank gathers its stages' weights (over its data/tensor
     mesh) and rank 0 collects every stage's over the pipeline group."""
-    parts = _parts(model)
-    if not isinstance(parts, list):
+    if not hasattr(model, "state_view"):
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    mine: dict[str, torch.Tensor] = {}
-    for part in parts:  # every rank gets the full tensors of its own parts (rank 0 of the pp group merges)
-        sd = get_model_state_dict(part, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
-        mine.update({k: v.detach().cpu() for k, v in sd.items()})
+    # every rank gets the full tensors of its own stages; rank 0 of each pipeline group merges them
+    sd = get_model_state_dict(model.state_view(), options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+    mine = {k: v.detach().cpu() for k, v in sd.items()}
     group = model.pp_group
     dst = dist.get_global_rank(group, 0)
     gathered = [None] * dist.get_world_size(group) if dist.get_rank() == dst else None

@@ -6,7 +6,7 @@ AdamW, clipping) on the same global batches, and rank 0 saves each step's loss a
 full gradient (`full_tensor()`, taken just before the optimizer step). The test runs the same steps in
 one process here and compares (fp32, 1e-5).
 
-Run alone: .venv/bin/pytest tests/test_parallel_tp.py
+Run alone: .venv/bin/pytest tests/test_parallel_layouts.py
 """
 
 from __future__ import annotations
@@ -278,20 +278,28 @@ def _train_losses(run_dir) -> dict[int, float]:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_pretrain_resumes_across_layouts(tiny_data, tmp_path, monkeypatch):
-    """`ember pretrain --nproc-per-node 2 --parallel.tp 2` stopped at step 3, resumed as dp2 (FSDP2, half the
-    per-rank batch) to step 6, then on 1 process to step 8: every step's loss equals the uninterrupted
-    1-process run's, and the final weights match."""
+    """`ember pretrain` through four layouts, one DCP checkpoint handing over to the next: pp2 x tp2 (4
+    processes) to step 2, dp2 (FSDP2, half the per-rank batch) to 4, 1 process to 6, pp2 to 8. Every step's
+    loss, the evaluations and the final weights equal the uninterrupted 1-process run's."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     ref, run = tmp_path / "ref", tmp_path / "run"
     _pretrain(tiny_data, ref, "--train.batch-size", "4")
-    _pretrain(tiny_data, run, "--train.batch-size", "4", "--nproc-per-node", "2", "--parallel.tp", "2",
-              "--stop-at", "3")
-    _pretrain(tiny_data, run, "--train.batch-size", "2", "--nproc-per-node", "2", "--resume", "--stop-at", "6")
-    _pretrain(tiny_data, run, "--train.batch-size", "4", "--resume")
+    _pretrain(tiny_data, run, "--train.batch-size", "4", "--nproc-per-node", "4", "--parallel.tp", "2",
+              "--parallel.pp", "2", "--stop-at", "2")
+    _pretrain(tiny_data, run, "--train.batch-size", "2", "--nproc-per-node", "2", "--resume", "--stop-at", "4")
+    _pretrain(tiny_data, run, "--train.batch-size", "4", "--resume", "--stop-at", "6")
+    _pretrain(tiny_data, run, "--train.batch-size", "4", "--nproc-per-node", "2", "--parallel.pp", "2",
+              "--parallel.pp-schedule", "gpipe", "--resume")
     want, got = _train_losses(ref), _train_losses(run)
     assert sorted(got) == list(range(1, 9))
     for step in range(1, 9):
         assert got[step] == pytest.approx(want[step], abs=2e-5, rel=2e-5), step
+    import json
+
+    val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val_ref = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
+    last = [r["loss"] for r in val if r["split"] == "val"][-1]  # evaluated under PP at the end
+    assert last == pytest.approx([r["loss"] for r in val_ref if r["split"] == "val"][-1], abs=2e-5)
     from ember.io.checkpoint import load_checkpoint
 
     a, _ = load_checkpoint(ref / "final")
