@@ -35,6 +35,10 @@ class ParallelConfig:
     --train.batch-size."""
     pp_virtual_stages: int = 2
     """Stages per rank for interleaved-1f1b."""
+    float8: Literal["none", "tensorwise", "rowwise"] = "none"
+    """float8 training of the blocks' linear layers via torchao (scales per tensor or per row; the head
+    stays high precision). Native on H100-class GPUs, emulated (slow, for checking) elsewhere. With
+    FSDP2 and tensorwise the parameters are all-gathered in float8."""
     sequence_parallel: bool = True
     """With tp > 1: norms and the residual stream between blocks are split along the sequence
     (activation memory / tp); the projections gather it. Off: replicated, all-reduce after each block half."""

@@ -32,7 +32,7 @@ FULL_INIT_MAX_PARAMS = 2_000_000_000
 
 
 _CHOICES = {"data_parallel": ("auto", "none", "ddp", "fsdp"), "mixed_precision": ("fp32", "bf16", "fp16"),
-            "pp_schedule": ("gpipe", "1f1b", "interleaved-1f1b", "zbv"),
+            "pp_schedule": ("gpipe", "1f1b", "interleaved-1f1b", "zbv"), "float8": ("none", "tensorwise", "rowwise"),
             "activation_checkpointing": ("none", "full", "selective")}
 
 
@@ -102,6 +102,13 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig, loss_
         warn(f"parallel: cpu_offload / reshard_after_forward apply to FSDP2 only; ignored with {mode!r} "
              f"(world size {dims.world_size})")
     meta = is_meta(model)
+    # 0. float8 linears (torchao), before the layers are split or sharded
+    if cfg.float8 != "none":
+        from ember.parallel.float8 import apply_float8, float8_supported
+
+        n = apply_float8(model, cfg.float8, dims.device, fsdp=mode == "fsdp")
+        log(f"float8 ({cfg.float8}): {n} linear layers" + ("" if float8_supported(dims.device)
+                                                           else ", emulated (no float8 GEMMs on this device)"))
     # 1. tensor (and sequence) parallelism
     if dims.tp > 1:
         from ember.parallel.tp import apply_tp
