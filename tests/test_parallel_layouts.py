@@ -287,6 +287,16 @@ def test_bad_degree_products_name_the_degrees():
         resolve_degrees(2, tp=0)
 
 
+def test_pretrain_with_degrees_that_do_not_fit_the_world_is_a_clear_error(tmp_path, capsys):
+    from ember.cli import main as cli
+
+    rc = cli(["pretrain", "--model-preset", "tiny", "--parallel.tp", "2", "--device", "cpu",
+              "--run-dir", str(tmp_path / "run")])
+    assert rc != 0
+    assert "world size 1 is not divisible by dp_replicate 1 x tp 2 x pp 1 = 2" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
 def test_tp_config_checks_name_the_field():
     from ember.parallel.tp import check_tp
 

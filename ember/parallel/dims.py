@@ -130,7 +130,7 @@ def resolve_degrees(world_size: int, dp_replicate: int = 1, dp_shard: int = -1, 
         if world_size % fixed:
             raise EmberError(f"world size {world_size} is not divisible by dp_replicate {dp_replicate} x tp {tp} x pp "
                              f"{pp} = {fixed}, so dp_shard=-1 has no value. HINT: pick degrees whose product divides "
-                             f"{world_size} (--nproc-per-node or torchrun's -nproc-per-node sets the world size)")
+                             f"{world_size} (--nproc-per-node, or torchrun's --nproc-per-node x --nnodes, sets the world size)")
         dp_shard = world_size // fixed
     product = dp_replicate * dp_shard * tp * pp
     if product != world_size:
