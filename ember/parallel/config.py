@@ -8,6 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zbv")
+"""Pipeline schedules (`--parallel.pp-schedule`); see parallel/pp.py."""
+FLOAT8_RECIPES = ("none", "tensorwise", "rowwise")
+"""float8 scalings (`--parallel.float8`); see parallel/float8.py."""
+
 
 @dataclass
 class ParallelConfig:

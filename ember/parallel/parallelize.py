@@ -22,7 +22,7 @@ from torch import nn
 from ember.errors import EmberError
 from ember.log import log, warn
 from ember.parallel.ac import apply_activation_checkpointing
-from ember.parallel.config import ParallelConfig
+from ember.parallel.config import FLOAT8_RECIPES, PP_SCHEDULES, ParallelConfig
 from ember.parallel.dims import ParallelDims
 from ember.parallel.fsdp import apply_ddp, apply_fsdp, reshard_after_forward
 
@@ -32,7 +32,7 @@ FULL_INIT_MAX_PARAMS = 2_000_000_000
 
 
 _CHOICES = {"data_parallel": ("auto", "none", "ddp", "fsdp"), "mixed_precision": ("fp32", "bf16", "fp16"),
-            "pp_schedule": ("gpipe", "1f1b", "interleaved-1f1b", "zbv"), "float8": ("none", "tensorwise", "rowwise"),
+            "pp_schedule": PP_SCHEDULES, "float8": FLOAT8_RECIPES,
             "activation_checkpointing": ("none", "full", "selective")}
 
 

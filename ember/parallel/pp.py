@@ -31,8 +31,6 @@ from torch import nn
 
 from ember.errors import EmberError
 
-PP_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zbv")
-
 
 def stages_per_rank(schedule: str, virtual: int) -> int:
     if schedule in ("gpipe", "1f1b"):
@@ -188,7 +186,7 @@ class PipelineModel(nn.Module):
         return [p for p in self.parameters() if not getattr(p, "_ember_tied_copy", False)]
 
     # ---------------------------------------------------------------------------- the schedule
-    def _build_schedule(self, loss: bool = True):
+    def _build_schedule(self):
         from torch.distributed.pipelining import PipelineStage
         from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe,
                                                             ScheduleInterleaved1F1B, ScheduleZBVZeroBubble)
@@ -250,7 +248,6 @@ class PipelineModel(nn.Module):
                          "load run_dir/final for inference")
 
 
-
 def resolve_microbatches(cfg, dims) -> int:
     return cfg.pp_microbatches or dims.pp * stages_per_rank(cfg.pp_schedule, cfg.pp_virtual_stages)
 
@@ -259,10 +256,9 @@ def build_pipeline(mcfg, dims, cfg, seed: int) -> PipelineModel:
     """This rank's stages of a fresh model (seeded like a 1-process init), parallelized, in a PipelineModel."""
     from ember.log import log
     from ember.models import Transformer
-    from ember.parallel.parallelize import materialize, parallelize
+    from ember.parallel.parallelize import check_config, materialize, parallelize
 
-    if cfg.pp_schedule not in PP_SCHEDULES:
-        raise EmberError(f"parallel.pp_schedule={cfg.pp_schedule!r}: expected one of {', '.join(PP_SCHEDULES)}")
+    check_config(cfg)
     if cfg.pp_schedule == "interleaved-1f1b" and cfg.pp_virtual_stages < 2:
         raise EmberError(f"--parallel.pp-virtual-stages {cfg.pp_virtual_stages}: interleaved-1f1b needs at least 2 "
                          "stages per rank. HINT: use --parallel.pp-schedule 1f1b for one")

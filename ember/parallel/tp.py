@@ -35,7 +35,7 @@ from torch import nn
 from ember.errors import EmberError
 
 
-def check_tp(cfg, tp: int, sequence_parallel: bool = True, n_out: Optional[int] = None) -> None:
+def check_tp(cfg, tp: int, n_out: Optional[int] = None) -> None:
     """An EmberError naming the field when a model config cannot be split over tp processes."""
     if tp <= 1:
         return
@@ -134,7 +134,7 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = True, loss_par
     from torch.distributed.tensor.parallel import parallelize_module
 
     tp = tp_mesh.size()
-    check_tp(model.cfg, tp, sequence_parallel, model.n_out)
+    check_tp(model.cfg, tp, model.n_out)
     tied = (model.output is not None and model.tok_embeddings is not None
             and model.output.weight is model.tok_embeddings.weight)
     for block in model.layers.values():

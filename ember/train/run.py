@@ -284,7 +284,7 @@ def start_run(cfg: RunConfig, dims: ParallelDims, mcfg: ModelConfig, loss_fn: Ca
     if dims.tp > 1:  # before anything is written: heads, KV heads, MLP and vocabulary split evenly
         from ember.parallel.tp import check_tp
 
-        check_tp(mcfg, dims.tp, cfg.parallel.sequence_parallel)
+        check_tp(mcfg, dims.tp)
     ckpt = find_resume(cfg)
     if ckpt is not None:
         check_model_matches(ckpt, mcfg)
