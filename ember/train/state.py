@@ -164,12 +164,15 @@ def _write_state(tmp: Path, step: int, model, optimizer, scheduler, loader, toke
     per_rank = {"loader": loader.state_dict() if loader is not None else None, "rng": rng_state(),
                 "extra": dict(extra or {}), "dp_rank": dp_rank}
     torch.save(per_rank, tmp / f"rank_{_rank():05d}.pt")
+    dp_ranks = [dp_rank] * _world()  # global rank -> data-parallel rank, so a resume reads one rank file
+    if _dist():
+        dist.all_gather_object(dp_ranks, dp_rank)
     if _rank() == 0:
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         meta = {"version": STATE_VERSION, "step": step, "tokens_seen": tokens_seen, "world_size": _world(),
-                "dp_size": dp_size, "model_config": model_config, "tokenizer_dir": tokenizer_dir,
-                "config": config}
+                "dp_size": dp_size, "dp_ranks": dp_ranks, "model_config": model_config,
+                "tokenizer_dir": tokenizer_dir, "config": config}
         atomic_write_text(tmp / "trainer.json", json.dumps(meta, indent=2, default=str) + "\n")
 
 
@@ -231,14 +234,14 @@ def load_train_state(ckpt: str | Path, model: nn.Module, optimizer: Optional[tor
     if scheduler is not None and (ckpt / "scheduler.pt").is_file():
         scheduler.load_state_dict(load_pt(ckpt / "scheduler.pt"))
     meta["extra"] = {}
-    files = sorted(ckpt.glob("rank_*.pt"))
-    saved = {}  # data-parallel rank -> the first rank file that holds it (tensor/pipeline peers hold the same)
-    for f in files:
-        per_rank = load_pt(f)
-        saved.setdefault(int(per_rank.get("dp_rank", int(f.stem.split("_")[1]))), per_rank)
+    # data-parallel rank -> the first global rank that saved it (tensor/pipeline peers hold the same state)
+    saved: dict[int, int] = {}
+    for g, d in enumerate(meta.get("dp_ranks") or range(meta.get("world_size", 1))):
+        saved.setdefault(int(d), g)
+    saved = {d: g for d, g in saved.items() if (ckpt / f"rank_{g:05d}.pt").is_file()}
     my_dp = dp_rank if dp_rank is not None else _rank()
     if meta.get("dp_size", 1) == dp_size and my_dp in saved:
-        per_rank = saved[my_dp]
+        per_rank = load_pt(ckpt / f"rank_{saved[my_dp]:05d}.pt")
         if loader is not None and per_rank["loader"] is not None:
             loader.load_state_dict(per_rank["loader"])
         if restore_rng:
@@ -248,7 +251,7 @@ def load_train_state(ckpt: str | Path, model: nn.Module, optimizer: Optional[tor
             log(f"{ckpt}: saved on {meta.get('world_size')} process(es), resumed on {_world()} with the same "
                 f"data-parallel size {dp_size}: model and optimizer resharded, data order and RNG continued")
     elif saved and loader is not None and _loader_converts(loader):
-        per_rank = saved[min(saved)]
+        per_rank = load_pt(ckpt / f"rank_{saved[min(saved)]:05d}.pt")
         loader.load_state_dict(per_rank["loader"])  # the same global sample sequence, re-cut for dp_size
         meta["extra"] = per_rank.get("extra", {})
         log(f"{ckpt}: data-parallel size {meta.get('dp_size')} -> {dp_size}: model and optimizer resharded, the "
