@@ -26,6 +26,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("quantize",): ("ember.recipes.quantize", "weight-only int8 / int4 quantization of a checkpoint"),
     ("reward", "train"): ("ember.recipes.reward_train", "train a reward model on preference pairs"),
     ("reward", "score"): ("ember.recipes.reward_score", "score prompt + completion pairs with a reward model"),
+    ("plan",): ("ember.recipes.plan", "memory per GPU and step time of every training layout, ranked"),
     ("model", "info"): ("ember.recipes.model_info", "parameters, FLOPs and memory of a preset or checkpoint"),
     ("tokenizer", "train"): ("ember.recipes.tokenizer_train", "train a byte-level BPE tokenizer"),
     ("data", "prepare"): ("ember.recipes.data_prepare", "clean, filter, dedup, scrub and tokenize text into shards"),

@@ -21,7 +21,7 @@ import torch
 
 from ember.errors import EmberError
 from ember.models import preset
-from ember.parallel import ParallelConfig, ParallelDims, unwrap
+from ember.parallel import ParallelConfig, ParallelDims, resolve_data_parallel, unwrap
 
 ROOT = Path(__file__).resolve().parents[1]
 B, T, STEPS = 4, 16, 3
@@ -123,7 +123,14 @@ def run_steps(mcfg, pcfg: ParallelConfig, dims: ParallelDims, accum: int) -> dic
     named = [(n, p) for part in parts for n, p in part.named_parameters()
              if not getattr(p, "_ember_tied_copy", False)]  # a pipeline's head copy of a tied embedding
 
+    from ember.parallel.memory import SavedActivations, local_state_bytes
+
+    own = [p for part in parts for p in part.parameters()]  # this rank's local tensors, tied copies included
+    state: dict = {}
+
     def record(*_):
+        if len(grads) == 1:  # the second step: gradients and AdamW state both exist (for `ember plan`'s check)
+            state.update(local_state_bytes(own, opt))
         mine = {n: full(p.grad) for n, p in named}
         if dims.pp > 1:  # every stage's gradients, on every rank
             import torch.distributed as dist
@@ -142,7 +149,13 @@ def run_steps(mcfg, pcfg: ParallelConfig, dims: ParallelDims, accum: int) -> dic
         out["loss"].append(rec["loss"])
         out["norm"].append(rec["grad_norm"])
     out["grads"] = grads
+    out["state"] = _per_rank(dict(state, pp_rank=dims.pp_rank, shard_index=dims.dp_rank % dims.dp_shard), dims)
     inner = unwrap(model)
+    if dims.pp == 1:  # what one forward of this rank's batch leaves for backward
+        x, y = GlobalBatches(mcfg.vocab_size, dims.dp_rank, dims.dp_size, accum).next_batch()
+        with tr._loss_parallel(), SavedActivations(model) as saved:  # as the Trainer runs its forward
+            loss_fn(model, (x, y))
+        out["saved"] = _per_rank({"bytes": saved.bytes, "batch": x.shape[0], "seq": x.shape[1]}, dims)
     if dims.pp > 1:
         out["tied"] = model.tied
         out["loss_parallel"] = False
@@ -150,6 +163,17 @@ def run_steps(mcfg, pcfg: ParallelConfig, dims: ParallelDims, accum: int) -> dic
     out["tied"] = inner.output.weight is inner.tok_embeddings.weight
     out["loss_parallel"] = bool(getattr(inner, "_ember_loss_parallel", False))
     return out
+
+
+def _per_rank(value: dict, dims: ParallelDims) -> list:
+    """Every rank's `value`, in global rank order (on one process: a list of one)."""
+    if not dims.distributed:
+        return [value]
+    import torch.distributed as dist
+
+    everyone = [None] * dims.world_size
+    dist.all_gather_object(everyone, value)
+    return everyone
 
 
 def worker(case_names: list[str], out_path: str) -> None:
@@ -163,6 +187,8 @@ def worker(case_names: list[str], out_path: str) -> None:
         dims = init_distributed(device="cpu", timeout_s=120, parallel=pcfg)
         results[name] = run_steps(model_config(model_name, over), pcfg, dims, accum)
         results[name]["dims"] = dims.describe()
+        results[name]["degrees"] = [dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp]
+        results[name]["data_parallel"] = resolve_data_parallel(pcfg, dims)
     if int(os.environ["RANK"]) == 0:
         torch.save(results, out_path)
     destroy_distributed()
@@ -199,6 +225,38 @@ def check_equal(name: str, got: dict, ref: dict, tol: float = 1e-5) -> None:
                                        msg=lambda m: f"{name} step {step} {pname}: {m}")
 
 
+def plan_layout(kw: dict, got: dict):
+    """`ember plan`'s Layout for a launched case (the degrees the run resolved)."""
+    from ember.parallel.plan import Layout
+
+    dp_replicate, dp_shard, tp, pp = got["degrees"]
+    pcfg = ParallelConfig(**kw)
+    return Layout(dp_replicate, dp_shard, tp, pp, data_parallel=pcfg.data_parallel, pp_schedule=pcfg.pp_schedule,
+                  pp_virtual_stages=pcfg.pp_virtual_stages, sequence_parallel=pcfg.sequence_parallel)
+
+
+def check_plan_state(name: str, mcfg, kw: dict, got: dict) -> None:
+    """`ember plan`'s model-state bytes of every rank == the bytes of that rank's local tensors (exact)."""
+    from ember.parallel.plan import ember_data_parallel, rank_state_bytes
+
+    layout = plan_layout(kw, got)
+    assert ember_data_parallel(layout) == got["data_parallel"], name
+    assert len(got["state"]) == layout.world
+    for rank, measured in enumerate(got["state"]):
+        predicted = rank_state_bytes(mcfg, layout, measured["pp_rank"], measured["shard_index"])
+        assert {k: measured[k] for k in predicted} == predicted, (name, rank)
+
+
+def check_plan_activations(name: str, mcfg, kw: dict, got: dict, tol: float = 0.10) -> None:
+    """`ember plan`'s activation bytes of one microbatch within 10% of what autograd saved on each rank."""
+    from ember.parallel.plan import activation_bytes
+
+    layout = plan_layout(kw, got)
+    for rank, m in enumerate(got["saved"]):
+        predicted = activation_bytes(mcfg, layout, m["batch"], m["seq"], loss_parallel=got["loss_parallel"])
+        assert predicted == pytest.approx(m["bytes"], rel=tol), (name, rank)
+
+
 @pytest.fixture(scope="module")
 def launched2(tmp_path_factory) -> dict:
     return launch({**CASES_2, **FLOAT8_2}, 2, tmp_path_factory.mktemp("tp2"))
@@ -212,6 +270,17 @@ def test_two_process_layouts_equal_single_process(launched2, case):
     check_equal(case, got, reference(model_name, over, accum))
     assert got["loss_parallel"] == (kw.get("loss_parallel", True) and kw.get("pp", 1) == 1)
     assert got["tied"] == model_config(model_name, over).tie_embeddings
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("case", list(CASES_2))
+def test_plan_memory_equals_measured_on_two_processes(launched2, case):
+    """`ember plan` against the 2-process runs: model state exact per rank; activations within 10%."""
+    model_name, over, kw, accum = CASES_2[case]
+    got, mcfg = launched2[case], model_config(model_name, over)
+    check_plan_state(case, mcfg, kw, got)
+    if "saved" in got:
+        check_plan_activations(case, mcfg, kw, got)
 
 
 @pytest.mark.timeout(400)
@@ -257,6 +326,9 @@ def test_four_process_layouts_equal_single_process(tmp_path):
     results = launch(CASES_4, 4, tmp_path, timeout=600)
     for case, (model_name, over, kw, accum) in CASES_4.items():
         check_equal(case, results[case], reference(model_name, over, accum))
+        check_plan_state(case, model_config(model_name, over), kw, results[case])
+        if "saved" in results[case]:
+            check_plan_activations(case, model_config(model_name, over), kw, results[case])
     assert results["dp2xtp2"]["dims"] == "dp_shard 2 x tp 2"
     assert results["rep2xtp2"]["dims"] == "dp_replicate 2 x tp 2"
     assert results["hsdp"]["dims"] == "dp_replicate 2 x dp_shard 2"
@@ -269,6 +341,7 @@ def test_eight_process_3d_layout_equals_single_process(tmp_path):
     results = launch(CASES_8, 8, tmp_path, timeout=900)
     for case, (model_name, over, kw, accum) in CASES_8.items():
         check_equal(case, results[case], reference(model_name, over, accum))
+        check_plan_state(case, model_config(model_name, over), kw, results[case])
         assert results[case]["dims"] == "dp_shard 2 x tp 2 x pp 2"
 
 

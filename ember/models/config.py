@@ -158,6 +158,8 @@ PRESETS: dict[str, dict] = {
     "gpt2-medium": dict(_GPT2, n_layer=24, n_embd=1024, n_head=16),
     "gpt2-large": dict(_GPT2, n_layer=36, n_embd=1280, n_head=20),
     "gpt2-xl": dict(_GPT2, n_layer=48, n_embd=1600, n_head=25),
+    # GPT-3 175B as Megatron-LM benchmarked it (Narayanan et al. 2021; vocab 51,200, seq 2048): for `ember plan`
+    "gpt3-175b": dict(_GPT2, vocab_size=51200, block_size=2048, n_layer=96, n_embd=12288, n_head=96),
     # Llama 3 family
     "smollm2-135m": dict(_LLAMA3, vocab_size=49152, n_layer=30, n_embd=576, n_head=9, n_kv_head=3,
                          ffn_hidden=1536, block_size=8192, rope_theta=100000.0, tie_embeddings=True),
@@ -173,6 +175,10 @@ PRESETS: dict[str, dict] = {
                        ffn_hidden=14336, block_size=8192, tie_embeddings=False),
     "llama-3-70b": dict(_LLAMA3, vocab_size=128256, n_layer=80, n_embd=8192, n_head=64, n_kv_head=8,
                         ffn_hidden=28672, block_size=8192, tie_embeddings=False),
+    "llama-3.1-405b": dict(_LLAMA3, vocab_size=128256, n_layer=126, n_embd=16384, n_head=128, n_kv_head=8,
+                           ffn_hidden=53248, block_size=131072, tie_embeddings=False,
+                           rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                             original_max_position_embeddings=8192)),
 }
 
 
