@@ -202,12 +202,24 @@ def local_shape(shape: tuple[int, ...], split: str, tp: int, dp_shard: int, shar
     return tuple(s)
 
 
+def rank_stages(cfg: ModelConfig, layout: Layout, pp_rank: int = 0) -> tuple[list, list[int]]:
+    """(every stage's (has embedding, blocks, has head), the stage indices pipeline rank `pp_rank` holds)."""
+    if layout.pp == 1:
+        return stage_layers(cfg.n_layer, 1), [0]
+    v = stages_per_rank(layout.pp_schedule, layout.pp_virtual_stages)
+    return (stage_layers(cfg.n_layer, layout.pp * v),
+            stage_ids(pp_rank, layout.pp, layout.pp_schedule, layout.pp_virtual_stages))
+
+
+def stage_tp_params(cfg: ModelConfig, layout: Layout, pp_rank: int = 0) -> int:
+    """Parameters of a pipeline rank's stages after the tensor-parallel split, before FSDP sharding."""
+    layers, mine = rank_stages(cfg, layout, pp_rank)
+    return sum(math.prod(local_shape(s, sp, layout.tp, 1, 0)) for st in mine for _, s, sp in stage_params(cfg, *layers[st]))
+
+
 def rank_params(cfg: ModelConfig, layout: Layout, pp_rank: int = 0, shard_index: int = 0) -> list:
     """(name, local shape) of every parameter tensor a rank holds."""
-    v = stages_per_rank(layout.pp_schedule, layout.pp_virtual_stages) if layout.pp > 1 else 1
-    n_stages = layout.pp * v
-    layers = stage_layers(cfg.n_layer, n_stages)
-    mine = stage_ids(pp_rank, layout.pp, layout.pp_schedule, layout.pp_virtual_stages) if layout.pp > 1 else [0]
+    layers, mine = rank_stages(cfg, layout, pp_rank)
     shard = layout.dp_shard if ember_data_parallel(layout) == "fsdp" else 1
     out = []
     for s in mine:
@@ -335,9 +347,7 @@ def activation_bytes(cfg: ModelConfig, layout: Layout, batch: int, seq: int, pp_
     """Bytes one microbatch of `batch` sequences leaves for backward on a rank of pipeline rank
     `pp_rank` (all its stages). `loss_parallel` None: the layout's (and never under PP)."""
     a = 4 if layout.precision == "fp32" else 2
-    v = stages_per_rank(layout.pp_schedule, layout.pp_virtual_stages) if layout.pp > 1 else 1
-    layers = stage_layers(cfg.n_layer, layout.pp * v)
-    mine = stage_ids(pp_rank, layout.pp, layout.pp_schedule, layout.pp_virtual_stages) if layout.pp > 1 else [0]
+    layers, mine = rank_stages(cfg, layout, pp_rank)
     lp = (layout.loss_parallel and layout.pp == 1) if loss_parallel is None else loss_parallel
     n_blocks = sum(len(layers[s][1]) for s in mine)
     out = n_blocks * block_activation_bytes(cfg, batch * seq, a, layout.tp, layout.sequence_parallel, layout.ac)
@@ -374,13 +384,10 @@ def rank_memory(cfg: ModelConfig, layout: Layout, seq: int, microbatches: int, p
     if layout.offload:
         state = {k: 0 for k in state}  # sharded parameters, gradients and optimizer state live in host memory
     activations = activation_bytes(cfg, layout, layout.microbatch, seq, pp_rank) * in_flight(layout, microbatches, pp_rank)
-    v = stages_per_rank(layout.pp_schedule, layout.pp_virtual_stages) if layout.pp > 1 else 1
-    layers = stage_layers(cfg.n_layer, layout.pp * v)
-    mine = stage_ids(pp_rank, layout.pp, layout.pp_schedule, layout.pp_virtual_stages) if layout.pp > 1 else [0]
+    layers, mine = rank_stages(cfg, layout, pp_rank)
     tokens = layout.microbatch * seq
     block_p = sum(math.prod(local_shape(s, sp, layout.tp, 1, 0)) for _, s, sp in _block_params(cfg, 0))
-    stage_p_tp = sum(math.prod(local_shape(s, sp, layout.tp, 1, 0))
-                     for st in mine for _, s, sp in stage_params(cfg, *layers[st]))
+    stage_p_tp = stage_tp_params(cfg, layout, pp_rank)
     temp = 0.0
     if layout.ac != "none":  # one block recomputed in backward
         temp += block_activation_bytes(cfg, tokens, a, layout.tp, layout.sequence_parallel, "none")
@@ -414,13 +421,10 @@ def evaluate(cfg: ModelConfig, layout: Layout, hw: Hardware, seq: int, global_ba
     state, state_rank = max_rank_state(cfg, layout)
     memory = max((rank_memory(cfg, layout, seq, microbatches, r) for r in {0, layout.pp - 1, state_rank}),
                  key=lambda m: m["total"])
-    v = stages_per_rank(layout.pp_schedule, layout.pp_virtual_stages) if layout.pp > 1 else 1
-    layers = stage_layers(cfg.n_layer, layout.pp * v)
-    mine = stage_ids(state_rank, layout.pp, layout.pp_schedule, layout.pp_virtual_stages) if layout.pp > 1 else [0]
+    layers, mine = rank_stages(cfg, layout, state_rank)
     n_blocks = sum(len(layers[s][1]) for s in mine)
     tokens = layout.microbatch * seq
-    stage_p_tp = sum(math.prod(local_shape(s, sp, layout.tp, 1, 0))
-                     for st in mine for _, s, sp in stage_params(cfg, *layers[st]))
+    stage_p_tp = stage_tp_params(cfg, layout, state_rank)
     # --- time
     flops_tok = cfg.flops_per_token(seq)
     n_block_mm = cfg.n_layer * sum(math.prod(s) for n, s, _ in _block_params(cfg, 0) if n.endswith("weight") and len(s) == 2)

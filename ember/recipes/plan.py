@@ -73,7 +73,7 @@ class Config:
 GiB = 2 ** 30
 
 
-def _check(cfg: Config, n_layer: int) -> None:
+def _check(cfg: Config) -> None:
     if cfg.gpus <= 0:
         raise EmberError(f"--gpus: expected a positive integer, got {cfg.gpus}")
     for name in ("seq_len", "global_batch", "tp", "pp", "dp_shard", "microbatch", "gpu_memory_gib"):
@@ -164,7 +164,7 @@ def _published(cfg: Config) -> int:
                   f"{run.tokens_per_gpu_s:,.0f}" if run.tokens_per_gpu_s else "-")
     console.print(t)
     console.print("Sources: " + "; ".join(f"{c['run'].name}: {c['run'].source}" for c in checks), highlight=False)
-    console.print(f"Throughput at the default efficiency of each GPU (--mfu to change it); bf16.", highlight=False)
+    console.print("Throughput at the default efficiency of each GPU (--mfu to change it); bf16.", highlight=False)
     return 0 if all(c["agrees"] for c in checks) else 1
 
 
@@ -176,7 +176,7 @@ def main(cfg: Config) -> int:
         return _published(cfg)
 
     model_cfg, source = resolve(cfg.model)
-    _check(cfg, model_cfg.n_layer)
+    _check(cfg)
     hw = HARDWARE[cfg.gpu]
     seq = cfg.seq_len or model_cfg.block_size
     batch = cfg.global_batch or cfg.gpus
