@@ -46,20 +46,9 @@ def test_activation_bytes_match_saved_tensors_on_one_process(name, over, ac, fus
     cfg = dataclasses.replace(preset(name), **over)
     for batch, seq in ((4, 64), (1, 32)):
         measured = _measure(cfg, ac, fused, batch, seq)
-        layout = Layout(ac=ac)
-        predicted = activation_bytes(cfg, layout, batch, seq)
-        if not fused:  # the plan's one-process default is the fused head + CE
-            predicted = _plain_loss_bytes(cfg, layout, batch, seq)
+        predicted = activation_bytes(cfg, Layout(ac=ac), batch, seq, fused_loss=fused)
         assert predicted == pytest.approx(measured, rel=0.10), (batch, seq)
         assert predicted == pytest.approx(measured, rel=0.01)  # in fact exact to the targets' copy
-
-
-def _plain_loss_bytes(cfg, layout, batch, seq):
-    from ember.parallel import plan as P
-
-    n_blocks = cfg.n_layer
-    out = n_blocks * P.block_activation_bytes(cfg, batch * seq, 4, 1, True, layout.ac)
-    return out + P.top_activation_bytes(cfg, batch, seq, 4, fused_loss=False)
 
 
 def test_ac_modes_order_and_selective_saves_less_than_none():

@@ -123,6 +123,16 @@ class Layout:
     def world(self) -> int:
         return self.dp * self.tp * self.pp
 
+    @property
+    def act_bytes(self) -> int:
+        """Bytes per activation element: fp32, else the 2-byte compute dtype (bf16; fp8 keeps bf16 activations)."""
+        return 4 if self.precision == "fp32" else 2
+
+    @property
+    def logit_shards(self) -> int:
+        """How many ranks the logits are split over: tp under loss_parallel (never under PP), else 1."""
+        return self.tp if (self.tp > 1 and self.loss_parallel and self.pp == 1) else 1
+
     def describe(self) -> str:
         dp = (f"fsdp {self.dp_shard}" if self.dp_replicate == 1 else
               f"ddp {self.dp_replicate}" if self.dp_shard == 1 else f"hsdp {self.dp_replicate}x{self.dp_shard}")
@@ -343,17 +353,18 @@ def fused_loss_used(layout: Layout) -> bool:
 
 
 def activation_bytes(cfg: ModelConfig, layout: Layout, batch: int, seq: int, pp_rank: int = 0,
-                     loss_parallel: Optional[bool] = None) -> float:
+                     loss_parallel: Optional[bool] = None, fused_loss: Optional[bool] = None) -> float:
     """Bytes one microbatch of `batch` sequences leaves for backward on a rank of pipeline rank
-    `pp_rank` (all its stages). `loss_parallel` None: the layout's (and never under PP)."""
-    a = 4 if layout.precision == "fp32" else 2
+    `pp_rank` (all its stages). `loss_parallel` / `fused_loss` None: what the layout runs
+    (`Layout.logit_shards`, `fused_loss_used`)."""
+    a = layout.act_bytes
     layers, mine = rank_stages(cfg, layout, pp_rank)
-    lp = (layout.loss_parallel and layout.pp == 1) if loss_parallel is None else loss_parallel
+    lp = layout.logit_shards > 1 if loss_parallel is None else loss_parallel
+    fused = fused_loss_used(layout) if fused_loss is None else fused_loss
     n_blocks = sum(len(layers[s][1]) for s in mine)
     out = n_blocks * block_activation_bytes(cfg, batch * seq, a, layout.tp, layout.sequence_parallel, layout.ac)
     out += top_activation_bytes(cfg, batch, seq, a, layout.tp, layout.sequence_parallel,
-                                any(layers[s][0] for s in mine), any(layers[s][2] for s in mine),
-                                fused_loss_used(layout), lp)
+                                any(layers[s][0] for s in mine), any(layers[s][2] for s in mine), fused, lp)
     return out
 
 
@@ -378,7 +389,7 @@ class PlanRow:
 def rank_memory(cfg: ModelConfig, layout: Layout, seq: int, microbatches: int, pp_rank: int = 0) -> dict:
     """Bytes on one GPU of pipeline rank `pp_rank` (FSDP shard 0, the largest): model state, activations
     of the microbatches in flight, temporary and communication buffers (see the module docstring)."""
-    a = 4 if layout.precision == "fp32" else 2
+    a = layout.act_bytes
     dpm = ember_data_parallel(layout)
     state = rank_state_bytes(cfg, layout, pp_rank, 0)
     if layout.offload:
@@ -400,8 +411,7 @@ def rank_memory(cfg: ModelConfig, layout: Layout, seq: int, microbatches: int, p
     elif dpm == "ddp":
         temp += stage_p_tp * 4
     if any(layers[s][2] for s in mine) and not fused_loss_used(layout):  # the logits' gradient
-        split = layout.tp if (layout.tp > 1 and layout.loss_parallel and layout.pp == 1) else 1
-        temp += 4 * tokens * cfg.vocab_size / split
+        temp += 4 * tokens * cfg.vocab_size / layout.logit_shards
     memory = {**state, "activations": activations, "temporary": temp}
     memory["total"] = sum(memory.values())
     return memory
@@ -415,7 +425,7 @@ def evaluate(cfg: ModelConfig, layout: Layout, hw: Hardware, seq: int, global_ba
     capacity = (memory_bytes or hw.memory_bytes) * (1 - RESERVED_FRACTION)
     local_batch = global_batch // layout.dp
     microbatches = max(1, local_batch // layout.microbatch)
-    a = 4 if layout.precision == "fp32" else 2
+    a = layout.act_bytes
     dpm = ember_data_parallel(layout)
     # --- memory: the first and last pipeline ranks (most in flight; the head) and the largest state
     state, state_rank = max_rank_state(cfg, layout)

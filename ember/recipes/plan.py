@@ -70,7 +70,8 @@ class Config:
     """Print JSON (every layout, ranked) instead of a table."""
 
 
-GiB = 2 ** 30
+FILTERS = ("tp", "pp", "dp_shard", "ac", "microbatch", "pp_schedule")
+"""Config fields that keep only the layouts whose field of the same name has the given value."""
 
 
 def _check(cfg: Config) -> None:
@@ -87,21 +88,20 @@ def _check(cfg: Config) -> None:
 
 
 def _keep(cfg: Config):
-    def keep(lay) -> bool:
-        return ((cfg.tp is None or lay.tp == cfg.tp) and (cfg.pp is None or lay.pp == cfg.pp)
-                and (cfg.dp_shard is None or lay.dp_shard == cfg.dp_shard) and (cfg.ac is None or lay.ac == cfg.ac)
-                and (cfg.microbatch is None or lay.microbatch == cfg.microbatch)
-                and (cfg.pp_schedule is None or lay.pp == 1 or lay.pp_schedule == cfg.pp_schedule))
+    given = {n: getattr(cfg, n) for n in FILTERS if getattr(cfg, n) is not None}
+
+    def keep(lay) -> bool:  # a schedule filter does not drop the layouts without a pipeline
+        return all(getattr(lay, n) == v for n, v in given.items() if not (n == "pp_schedule" and lay.pp == 1))
     return keep
 
 
 def _filters(cfg: Config) -> str:
-    names = ("tp", "pp", "dp_shard", "ac", "microbatch", "pp_schedule")
-    given = [f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in names if getattr(cfg, n) is not None]
-    return ", ".join(given)
+    return ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in FILTERS if getattr(cfg, n) is not None)
 
 
 def _gib(n: float) -> str:
+    from ember.parallel.plan import GiB
+
     return f"{n / GiB:.1f}"
 
 
@@ -169,7 +169,7 @@ def _published(cfg: Config) -> int:
 
 
 def main(cfg: Config) -> int:
-    from ember.parallel.plan import GiB as _G, HARDWARE, RESERVED_FRACTION, plan
+    from ember.parallel.plan import GiB, HARDWARE, RESERVED_FRACTION, plan
     from ember.recipes.model_info import resolve
 
     if cfg.published:
@@ -184,7 +184,7 @@ def main(cfg: Config) -> int:
     if precisions and precisions[0] not in hw.peak_flops:
         raise EmberError(f"--precision {cfg.precision}: the {cfg.gpu} has no {cfg.precision} peak in ember's table "
                          f"(it runs {', '.join(hw.precisions)}). HINT: --precision {hw.precisions[0]}")
-    memory = int(cfg.gpu_memory_gib * _G) if cfg.gpu_memory_gib else None
+    memory = int(cfg.gpu_memory_gib * GiB) if cfg.gpu_memory_gib else None
     rows = plan(model_cfg, hw, cfg.gpus, seq, batch, cfg.mfu, memory, cfg.offload, precisions, _keep(cfg))
     if not rows:
         filt = _filters(cfg)
