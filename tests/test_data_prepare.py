@@ -183,11 +183,18 @@ def test_interrupted_prepare_keeps_the_previous_dataset(tmp_path, tokenizer_dir,
     with pytest.raises(KeyboardInterrupt):
         prepare(config(tmp_path / "in", out, tokenizer_dir))
     assert _snapshot(out) == before  # Ctrl-C mid-run: the old dataset is whole
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no temp dirs left beside
+    # only the finished files' stage-1 work is left beside it (for a resume), no half-built dataset
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.prepare-work", "in", "out"]
+    assert len(list((tmp_path / ".out.prepare-work").glob("*.parquet"))) == 6
     with pytest.raises(EmberError):  # a mistyped --input: nothing is touched either
         prepare(config(tmp_path / "missing.jsonl", out, tokenizer_dir))
     assert _snapshot(out) == before
     TokenLoader(out, "train", 8, 2).next_batch()
+    monkeypatch.setattr(shards, "write_shard", real)
+    prepare(config(tmp_path / "in", out, tokenizer_dir))  # resumes, and a complete run cleans up
+    after = _snapshot(out)
+    assert {k: v for k, v in after.items() if k.suffix == ".bin"} == {k: v for k, v in before.items() if k.suffix == ".bin"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
 
 
 def test_rerun_replaces_only_embers_files(tmp_path, tokenizer_dir):

@@ -12,7 +12,9 @@ words cannot be checked this way and are counted apart.
 
 from __future__ import annotations
 
+import hashlib
 import re
+import zlib
 from typing import Iterable, Mapping, Sequence
 
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -23,12 +25,16 @@ def words(text: str) -> list[str]:
 
 
 def ngram_keys(ws: Sequence[str], n: int) -> Iterable[int]:
-    for i in range(len(ws) - n + 1):
-        yield hash(tuple(ws[i:i + n]))
+    """One integer per n-gram, the same in every process (words are CRC-32 hashed, and a tuple of
+    ints hashes without Python's per-process string hash seed), so an index built by the driver is
+    valid in worker processes and on other machines."""
+    ids = [zlib.crc32(w.encode("utf-8")) for w in ws]
+    for i in range(len(ids) - n + 1):
+        yield hash(tuple(ids[i:i + n]))
 
 
 class NgramIndex:
-    """The n-grams of every evaluation item, by task (hashes are this process's: build and use here)."""
+    """The n-grams of every evaluation item, by task (keys are process-independent: see `ngram_keys`)."""
 
     def __init__(self, tasks: Mapping[str, Iterable[str]], n: int = 13):
         if n < 1:
@@ -48,6 +54,13 @@ class NgramIndex:
                 for k in ngram_keys(ws, n):
                     self.owner.setdefault(k, set()).add((task, i))
             self.items[task], self.short[task] = count, short
+
+    def fingerprint(self) -> str:
+        """Changes when the indexed n-grams, their owners or n change (keys prepare's resumable work)."""
+        h = hashlib.blake2b(f"{self.n}|{sorted(self.items.items())}".encode(), digest_size=16)
+        for k in sorted(self.owner):
+            h.update(f"{k}:{sorted(self.owner[k])};".encode())
+        return h.hexdigest()
 
     def matches(self, text: str) -> set[tuple[str, int]]:
         """(task, item index) of every item sharing an n-gram with `text`."""

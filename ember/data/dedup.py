@@ -128,3 +128,101 @@ class Deduper:
             self.lsh.insert(str(len(self.sigs)), m, check_duplication=False)
             self.sigs.append(values)
         return None
+
+    def check_at(self, index: int, digest: bytes, values: np.ndarray | None) -> str | None:
+        """`check`, with the document's global index (unused here; the signature of a global `decide`)."""
+        return self.check(digest, values)
+
+
+# --------------------------------------------------------------------------- the same result, computed globally
+# `Deduper` decides in input order in one process. A cluster cannot: there, documents are grouped by
+# key across workers (exact: by content hash; near: by each LSH band's hash), each group yields its
+# pairs, and the pairs are resolved into the very decisions `Deduper` makes. `Deduper`'s rule is:
+# a document is dropped as exact_dup when an earlier *kept* document has its content hash, and as
+# near_dup when an earlier kept document shares an LSH band with it and passes the similarity check.
+# So: exact copies of a first occurrence are dropped (as exact_dup when that first occurrence is kept,
+# as near_dup when it was itself dropped as a near duplicate: an identical signature meets the same
+# kept neighbour); among first occurrences, the verified band pairs form a graph whose connected
+# components are independent, and within a component documents are taken in input order, each kept
+# unless one of its earlier neighbours was kept. (Keeping one document per component instead would
+# also drop C in a chain A~B~C where A and C are not similar; Deduper keeps C, and so does this.)
+
+
+def band_params(cfg: DedupConfig) -> tuple[int, int]:
+    """(bands, rows per band) of the LSH index `Deduper` builds for `cfg` (the same candidates)."""
+    from datasketch import MinHashLSH
+
+    lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, weights=(0.1, 0.9))
+    return lsh.b, lsh.r
+
+
+def group_keys(digest: bytes, values: np.ndarray | None, cfg: DedupConfig, bands: tuple[int, int]) -> list[bytes]:
+    """The keys under which a document is grouped: b'x' + content hash (exact), and b'b' + band number +
+    the band's MinHash values (near; two documents share a key iff `Deduper`'s LSH makes them candidates)."""
+    keys = [b"x" + digest] if cfg.exact else []
+    if cfg.near and values is not None:
+        b, r = bands
+        keys += [b"b" + k.to_bytes(2, "little") + np.ascontiguousarray(values[k * r:(k + 1) * r]).tobytes()
+                 for k in range(b)]
+    return keys
+
+
+def group_pairs(key: bytes, members: list[tuple[int, bytes, np.ndarray | None]], cfg: DedupConfig) -> list[tuple[str, int, int]]:
+    """The pairs one group yields, from its members (global index, content hash, signature):
+    ('copy', i, first) for every later exact copy, ('edge', i, j) (i < j) for every verified near pair."""
+    members = sorted(members, key=lambda m: m[0])
+    if key[:1] == b"x":
+        return [("copy", g, members[0][0]) for g, _, _ in members[1:]]
+    if cfg.exact:  # exact copies are resolved by their own group; their first occurrence stands for them
+        firsts: dict[bytes, tuple] = {}
+        for m in members:
+            firsts.setdefault(m[1], m)
+        members = list(firsts.values())
+    out = []
+    for a in range(len(members)):
+        for b in range(a + 1, len(members)):
+            if np.mean(members[a][2] == members[b][2]) >= cfg.threshold:
+                out.append(("edge", members[a][0], members[b][0]))
+    return out
+
+
+def resolve(pairs) -> dict[int, str]:
+    """Decisions ({global index: 'exact_dup' | 'near_dup'}; absent = kept) from every group's pairs."""
+    copies: dict[int, int] = {}
+    earlier: dict[int, set[int]] = {}
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for kind, a, b in pairs:
+        if kind == "copy":
+            copies[a] = b
+        else:
+            earlier.setdefault(b, set()).add(a)
+            parent[find(b)] = find(a)
+    components: dict[int, list[int]] = {}
+    for x in parent:
+        components.setdefault(find(x), []).append(x)
+    dropped: dict[int, str] = {}
+    for nodes in components.values():  # independent of each other: a cluster may resolve them anywhere
+        for x in sorted(nodes):
+            if any(a not in dropped for a in earlier.get(x, ())):
+                dropped[x] = "near_dup"
+    for g, first in copies.items():
+        dropped[g] = "near_dup" if first in dropped else "exact_dup"
+    return dropped
+
+
+def global_decisions(docs, cfg: DedupConfig) -> dict[int, str]:
+    """`resolve` over in-process groups of (global index, content hash, signature) documents: the
+    single-machine form of what the Ray executor computes with a cluster-wide group-by."""
+    bands = band_params(cfg) if cfg.near else (0, 0)
+    groups: dict[bytes, list] = {}
+    for g, digest, values in docs:
+        for k in group_keys(digest, values, cfg, bands):
+            groups.setdefault(k, []).append((g, digest, values))
+    return resolve(p for k, members in groups.items() if len(members) > 1 for p in group_pairs(k, members, cfg))

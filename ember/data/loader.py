@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ember.data import shards
+from ember.data import remote, shards
 from ember.errors import EmberError
 
 STATE_VERSION = 1
@@ -45,6 +45,8 @@ class TokenLoader:
             raise EmberError(f"TokenLoader: dp_rank {dp_rank} not in [0, {dp_size}). HINT: check the parallel dims")
         if block_size < 1 or batch_size < 1:
             raise EmberError(f"TokenLoader: block_size {block_size} and batch_size {batch_size} must be >= 1")
+        if remote.is_url(str(data_dir)):  # a dataset at a URL: read through the local cache, shards on first use
+            data_dir = remote.cached_dataset(str(data_dir))
         self.data_dir, self.split = Path(data_dir), split
         self.block_size, self.batch_size = block_size, batch_size
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
@@ -54,8 +56,12 @@ class TokenLoader:
         self.tokenizer_dir = self.data_dir / self.manifest.get("tokenizer", "tokenizer")
         self.verify = verify
         self.files = shards.split_files(self.data_dir, split, self.manifest)
-        self.shards = [self._open(e) for e in self.files]
-        self.lengths = np.array([len(s) for s in self.shards], np.int64)
+        self.lengths = np.array([int(e["tokens"]) for e in self.files], np.int64)
+        self._shards: list[np.ndarray | None] = [None] * len(self.files)
+        self.streaming = remote.source_of(self.data_dir) is not None
+        if not self.streaming:  # local shards are all opened (and checked) now: bad data fails at the start
+            for i in range(len(self.files)):
+                self.shard(i)
         if self.lengths.sum() < block_size + 1 or self._windows_per_shard(0).sum() < dp_size:
             raise EmberError(f"{self.data_dir}: split '{split}' has {int(self.lengths.sum()):,} tokens, too few for "
                              f"{dp_size} rank(s) of windows of block_size + 1 = {block_size + 1}. HINT: lower "
@@ -63,8 +69,15 @@ class TokenLoader:
         self.epoch, self.pos = 0, 0
         self._order_epoch, self._order = -1, np.empty((0, 2), np.int64)
 
+    def shard(self, i: int) -> np.ndarray:
+        """Shard `i`, memory-mapped on first use (fetched into the cache first for a dataset at a URL)."""
+        if self._shards[i] is None:
+            self._shards[i] = self._open(self.files[i])
+        return self._shards[i]
+
     def _open(self, entry: dict) -> np.memmap:
         """Memory-map one shard; with `verify` (the default) read it once to check checksums and ids."""
+        remote.ensure_shard(self.data_dir, entry)
         tokens = shards.read_shard(self.data_dir / entry["file"], verify=self.verify, sha256=entry.get("sha256"))
         if len(tokens) != entry["tokens"]:
             raise EmberError(f"{self.data_dir / entry['file']}: {len(tokens)} tokens, manifest says "
@@ -101,7 +114,7 @@ class TokenLoader:
 
     def _gather(self, places: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         T = self.block_size
-        buf = np.stack([np.asarray(self.shards[s][o:o + T + 1], dtype=np.int64) for s, o in places.tolist()])  # (B, T+1)
+        buf = np.stack([np.asarray(self.shard(s)[o:o + T + 1], dtype=np.int64) for s, o in places.tolist()])  # (B, T+1)
         if int(buf.max()) >= self.vocab_size:  # unverified shards: never let a bad id reach the embedding
             for (s, o), row in zip(places.tolist(), buf):
                 shards.check_ids(row, self.vocab_size, self.data_dir / self.files[s]["file"], start=o)

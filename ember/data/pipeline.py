@@ -26,10 +26,12 @@ stops the run before any work, and other files are never touched.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import itertools
 import json
 import multiprocessing as mp
 import os
+import posixpath
 import re
 import shutil
 import sys
@@ -38,15 +40,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 
-from ember.data import shards
+from ember.data import remote, shards
 from ember.data.clean import CleanConfig, normalize, scrub_pii
 from ember.data.dedup import DedupConfig, Deduper, doc_fingerprint
 from ember.data.filters import FilterConfig, quality_reason
-from ember.data.readers import ReadConfig, ReadStats, read_documents
+from ember.data.readers import ReadConfig, ReadStats, check_readable, expand_inputs, read_file
 from ember.data.report import Report
 from ember.errors import EmberError
 from ember.fileio import atomic_write_text, check_writable, make_temp_dir
@@ -95,7 +97,18 @@ class PrepareConfig:
     skip_bad_lines: bool = False
     """Skip (and count) malformed JSONL lines instead of failing on the first one."""
     num_proc: int = 2
-    """Worker processes for cleaning/filtering/fingerprinting (the output does not depend on it)."""
+    """Worker processes for cleaning/filtering/fingerprinting (the output does not depend on it); with
+    --executor ray and no --ray-address, the CPUs of the local Ray instance."""
+    executor: Literal["local", "ray"] = "local"
+    """local: this machine's processes. ray: the same stages as a Ray Data pipeline on a Ray cluster
+    (`pip install 'ray[data]'`); the output is identical, byte for byte."""
+    ray_address: str = ""
+    """With --executor ray: '' starts a Ray instance on this machine; 'auto' joins the running cluster
+    (`ray start --head`), HOST:PORT a given one."""
+    work_dir: str = ""
+    """Where finished input files' results are kept until the run completes, so a killed run resumes
+    without redoing them ('' = .NAME.prepare-work beside --out; a URL works, and a cluster needs one
+    every node can reach)."""
     chunk_docs: int = 64
     """Documents per work item sent to a worker."""
     progress: bool = True
@@ -110,6 +123,8 @@ class PrepareConfig:
             raise ValueError(f"chunk_docs={self.chunk_docs}: expected at least 1 document per work item")
         if self.num_proc < 1:
             raise ValueError(f"num_proc={self.num_proc}: expected at least 1 process")
+        if self.executor not in ("local", "ray"):
+            raise ValueError(f"executor={self.executor!r}: expected 'local' or 'ray'")
         if self.vocab_size < 260:
             raise ValueError(f"vocab_size={self.vocab_size}: expected at least 260 (256 bytes + special tokens)")
 
@@ -121,16 +136,29 @@ class PrepareConfig:
 
 
 # --------------------------------------------------------------------------- stage 1 (workers)
-_WORKER_CFG: PrepareConfig | None = None
+# Stage 1 runs per input file and writes that file's results to a *fragment* (parquet) in the work
+# directory: one row per document (drop reason or cleaned text, sizes, PII counts, content hash,
+# MinHash signature) and the file's read counters as metadata. A fragment appears under its final
+# name only when complete, and its name carries a key of the file (path, size, modification stamp)
+# and of every setting stage 1 depends on, so a rerun of a killed job skips the files already done,
+# and a changed file or setting is redone. Dedup, the split and tokenization then read the fragments
+# in input order (documents are numbered file << 32 | position), which is why both executors give
+# identical output.
+FRAGMENT_VERSION = 1
+_STATS_KEY = b"ember.read_stats"
+_WORKER: tuple | None = None
 
 
-def _init_worker(cfg: PrepareConfig) -> None:
-    global _WORKER_CFG
-    _WORKER_CFG = cfg
+def _init_worker(cfg: PrepareConfig, decontam=None) -> None:
+    global _WORKER
+    _WORKER = (cfg, decontam)
 
 
-def process_doc(text: str, cfg: PrepareConfig) -> tuple:
-    """(drop reason | None, cleaned text | None, input bytes, pii counts, content hash, minhash)."""
+def process_doc(text: str, cfg: PrepareConfig, decontam=None) -> tuple:
+    """(drop reason | None, cleaned text | None, input bytes, pii counts, content hash, minhash).
+
+    `decontam` (a data.decontam.NgramIndex): a document sharing an n-gram with an evaluation item is
+    dropped as "decontaminate:<task>" (the first task in name order)."""
     nbytes = len(text.encode("utf-8"))
     text = normalize(text, cfg.clean.normalization)
     reason = "empty" if not text.strip() else quality_reason(text, cfg.filter)
@@ -139,12 +167,21 @@ def process_doc(text: str, cfg: PrepareConfig) -> tuple:
     pii = {"email": 0, "ip": 0, "phone": 0}
     if cfg.clean.scrub_pii:
         text, pii = scrub_pii(text, cfg.clean)
+    if decontam is not None:
+        hit = decontam.sources(text)
+        if hit:
+            return f"decontaminate:{min(hit)}", None, nbytes, None, None, None
     digest, values = doc_fingerprint(text, cfg.dedup)
     return None, text, nbytes, pii, digest, values
 
 
-def _process_chunk(chunk: list[str]) -> list[tuple]:
-    return [process_doc(t, _WORKER_CFG) for t in chunk]
+def _work_item(item: tuple) -> tuple:
+    """(file index, chunk of texts) -> (file index, results); (file index, ReadStats) passes through."""
+    i, payload = item
+    if isinstance(payload, ReadStats):
+        return item
+    cfg, decontam = _WORKER
+    return i, [process_doc(t, cfg, decontam) for t in payload]
 
 
 def _chunks(docs: Iterator[str], n: int) -> Iterator[list[str]]:
@@ -163,63 +200,290 @@ def _mp_context():
     return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
-def _pool_results(cfg: PrepareConfig, docs: Iterator[str]) -> Iterator[tuple]:
-    """Per-document results in input order, computed by `num_proc` processes.
+def _pool_map(cfg: PrepareConfig, decontam, items: Iterator[tuple]) -> Iterator[tuple]:
+    """`_work_item` over `items`, in order, computed by `num_proc` processes.
 
-    `Pool.imap` keeps results in order; a semaphore keeps at most 4 chunks per worker in flight, so
+    `Pool.imap` keeps results in order; a semaphore keeps at most 4 items per worker in flight, so
     memory stays bounded (imap's feeder thread would otherwise read the whole input ahead)."""
-    chunks = _chunks(docs, cfg.chunk_docs)
     if cfg.num_proc <= 1:
-        _init_worker(cfg)
-        for chunk in chunks:
-            yield from _process_chunk(chunk)
+        _init_worker(cfg, decontam)
+        yield from map(_work_item, items)
         return
     budget, stop = threading.Semaphore(cfg.num_proc * 4), threading.Event()
 
-    def feed() -> Iterator[list[str]]:
-        for chunk in chunks:
+    def feed() -> Iterator[tuple]:
+        for item in items:
             budget.acquire()
             if stop.is_set():
                 return
-            yield chunk
+            yield item
 
-    with _mp_context().Pool(cfg.num_proc, initializer=_init_worker, initargs=(cfg,)) as pool:
+    with _mp_context().Pool(cfg.num_proc, initializer=_init_worker, initargs=(cfg, decontam)) as pool:
         try:
-            for result in pool.imap(_process_chunk, feed()):
+            for result in pool.imap(_work_item, feed()):
                 budget.release()
-                yield from result
+                yield result
         finally:  # unblock the feeder so the pool can shut down
             stop.set()
             for _ in range(cfg.num_proc * 4 + 1):
                 budget.release()
 
 
-def clean_and_dedup(cfg: PrepareConfig, work: Path, report: Report, stats: ReadStats, decontam=None) -> int:
-    """Stage 1: write kept documents (in input order) to `work/clean.jsonl`; returns their count.
-    `decontam` (a data.decontam.NgramIndex): documents sharing an n-gram with an evaluation item are
-    dropped as "decontaminate:<task>" (the first task in name order)."""
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema([("reason", pa.string()), ("text", pa.string()), ("nbytes", pa.int64()),
+                      ("email", pa.int32()), ("ip", pa.int32()), ("phone", pa.int32()),
+                      ("digest", pa.binary(16)), ("minhash", pa.list_(pa.uint64()))])
+
+
+class FragmentWriter:
+    """One input file's stage-1 results -> a parquet file at `path` (streamed in row groups)."""
+
+    ROWS = 2048
+
+    def __init__(self, path: Path):
+        import pyarrow.parquet as pq
+
+        self.path, self.rows = path, []
+        self.writer = pq.ParquetWriter(path, _schema(), compression="zstd")
+
+    def add(self, results: list[tuple]) -> None:
+        self.rows += results
+        if len(self.rows) >= self.ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if not self.rows:
+            return
+        r = self.rows
+        cols = {"reason": [x[0] for x in r], "text": [x[1] for x in r], "nbytes": [x[2] for x in r],
+                **{k: [x[3][k] if x[3] else None for x in r] for k in ("email", "ip", "phone")},
+                "digest": [x[4] for x in r], "minhash": [x[5] for x in r]}
+        self.writer.write_table(pa.table(cols, schema=_schema()))
+        self.rows = []
+
+    def close(self, stats: ReadStats) -> Path:
+        self._flush()
+        counts = {k: getattr(stats, k) for k in ("files", "docs", "bytes", "bad_utf8_docs", "bad_utf8_chars", "bad_lines")}
+        self.writer.add_key_value_metadata({_STATS_KEY: json.dumps(counts).encode()})
+        self.writer.close()
+        return self.path
+
+
+class WorkDir:
+    """Where stage-1 fragments live between runs: a local directory or a URL (shared by a cluster)."""
+
+    def __init__(self, location: str):
+        self.location = location
+        self.url = remote.is_url(location)
+
+    def _fs(self):
+        return remote.filesystem(self.location)
+
+    def names(self) -> set[str]:
+        if self.url:
+            fs, root = self._fs()
+            return {posixpath.basename(p) for p in fs.ls(root, detail=False)} if fs.isdir(root) else set()
+        p = Path(self.location)
+        return {x.name for x in p.iterdir()} if p.is_dir() else set()
+
+    def staging(self, name: str) -> Path:
+        """A local temporary path to write `name` to before `commit`."""
+        if self.url:
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp")
+            os.close(fd)
+            return Path(tmp)
+        Path(self.location).mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.location)
+        os.close(fd)
+        return Path(tmp)
+
+    def commit(self, staged: Path, name: str) -> None:
+        """Make a staged file visible under its final name (rename: never a half-written fragment)."""
+        if not self.url:
+            os.replace(staged, Path(self.location) / name)
+            return
+        fs, root = self._fs()
+        fs.makedirs(root, exist_ok=True)
+        tmp = posixpath.join(root, f".{name}.{os.getpid()}.tmp")
+        try:
+            fs.put_file(str(staged), tmp)
+            fs.mv(tmp, posixpath.join(root, name))
+        finally:
+            staged.unlink(missing_ok=True)
+
+    def open(self, name: str):
+        return remote.open_file(remote.join(self.location, name), "rb")
+
+    def remove(self) -> None:
+        if self.url:
+            fs, root = self._fs()
+            if fs.exists(root):
+                fs.rm(root, recursive=True)
+        else:
+            shutil.rmtree(self.location, ignore_errors=True)
+
+
+def stage1_key(cfg: PrepareConfig, decontam=None) -> str:
+    """Every setting stage 1 depends on (not the executor, workers or outputs)."""
+    from ember.config import to_dict
+
+    parts = {"version": FRAGMENT_VERSION, "read": to_dict(cfg.read_config()), "clean": to_dict(cfg.clean),
+             "filter": to_dict(cfg.filter), "dedup": to_dict(cfg.dedup),
+             "decontam": decontam.fingerprint() if decontam is not None else None}
+    return json.dumps(parts, sort_keys=True)
+
+
+def fragment_names(files: list[str], key: str) -> list[str]:
+    """The fragment name of each input file: its position and a hash of (file, its identity, `key`)."""
+    out = []
+    for i, f in enumerate(files):
+        ident = json.dumps([remote.file_identity(f), key], sort_keys=True)
+        where = f if remote.is_url(f) else str(Path(f).resolve())
+        h = hashlib.blake2b(f"{where}\0{ident}".encode(), digest_size=10).hexdigest()
+        out.append(f"{i:06d}-{h}.parquet")
+    return out
+
+
+def run_stage1_local(cfg: PrepareConfig, files: list[str], todo: list[int], frags: list[str], work: WorkDir,
+                     decontam, progress: "Progress") -> None:
+    """Stage 1 on this machine: `num_proc` processes, chunks of `chunk_docs` documents (never across
+    files); each finished file's fragment is committed as soon as its last chunk is back."""
+    rc = cfg.read_config()
+
+    def items() -> Iterator[tuple]:
+        for i in todo:
+            stats = ReadStats()
+            for chunk in _chunks(read_file(files[i], rc, stats), cfg.chunk_docs):
+                yield i, chunk
+            yield i, stats
+
+    writer: FragmentWriter | None = None
+    try:
+        for i, payload in _pool_map(cfg, decontam, items()):
+            writer = writer or FragmentWriter(work.staging(frags[i]))
+            if isinstance(payload, ReadStats):
+                work.commit(writer.close(payload), frags[i])
+                writer = None
+                progress.file_done(i)
+            else:
+                writer.add(payload)
+                dropped: dict[str, int] = {}
+                for r in payload:
+                    if r[0]:
+                        dropped[r[0]] = dropped.get(r[0], 0) + 1
+                progress.add(len(payload), dropped)
+    finally:
+        if writer is not None:  # interrupted mid-file: its partial fragment is not kept
+            writer.path.unlink(missing_ok=True)
+
+
+def iter_fragment(work: WorkDir, name: str, stats: ReadStats) -> Iterator[tuple]:
+    """The rows of one fragment, in order: (reason, text, nbytes, pii, digest, minhash | None);
+    the file's read counters are added to `stats`."""
+    import pyarrow.parquet as pq
+
+    with work.open(name) as f:
+        pf = pq.ParquetFile(f)
+        counts = json.loads((pf.metadata.metadata or {}).get(_STATS_KEY, b"{}"))
+        for k, v in counts.items():
+            setattr(stats, k, getattr(stats, k) + v)
+        for batch in pf.iter_batches(batch_size=4096):
+            c = batch.to_pydict()
+            mh = batch.column("minhash")
+            offsets, values = mh.offsets.to_numpy(), mh.values.to_numpy()
+            for j in range(batch.num_rows):
+                a, b = offsets[j], offsets[j + 1]
+                pii = {"email": c["email"][j], "ip": c["ip"][j], "phone": c["phone"][j]}
+                yield (c["reason"][j], c["text"][j], c["nbytes"][j], pii, c["digest"][j],
+                       values[a:b] if b > a else None)
+
+
+class Progress:
+    """What a long prepare shows on stderr: input bytes done of the total (so an ETA), documents/s,
+    and the documents dropped so far per rule."""
+
+    def __init__(self, enabled: bool, files: list[str], todo: list[int], desc: str):
+        from tqdm import tqdm
+
+        self.sizes = {i: (remote.file_identity(files[i]).get("size") or 0) for i in todo}
+        self.bar = tqdm(total=sum(self.sizes.values()), desc=desc, unit="B", unit_scale=True,
+                        disable=not enabled, file=sys.stderr)
+        self.t0, self.n, self.dropped, self.last = time.perf_counter(), 0, {}, 0.0
+
+    def add(self, n: int, dropped: dict[str, int]) -> None:
+        """`n` more documents done, `dropped` of them per rule."""
+        self.n += n
+        for k, v in dropped.items():
+            self.dropped[k] = self.dropped.get(k, 0) + v
+        now = time.perf_counter()
+        if now - self.last > 0.5:
+            self.last = now
+            top = sorted(self.dropped.items(), key=lambda kv: -kv[1])[:4]
+            self.bar.set_postfix_str(f"{self.n / (now - self.t0):,.0f} docs/s, {self.n:,} docs, dropped "
+                                     + (", ".join(f"{k} {v:,}" for k, v in top) or "none"), refresh=False)
+
+    def file_done(self, i: int) -> None:
+        self.bar.update(self.sizes.get(i, 0))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def dedup_and_write(cfg: PrepareConfig, frags: list[str], work: WorkDir, local: Path, report: Report,
+                    decide) -> int:
+    """Fragments in input order -> exact/near dedup (`decide(global index, digest, minhash)`) -> the
+    kept documents to `local/clean.jsonl`; fills `report`; returns the kept count."""
     from tqdm import tqdm
 
-    deduper = Deduper(cfg.dedup)
-    kept = 0
-    docs = read_documents(cfg.input, cfg.read_config(), stats)
-    bar = tqdm(desc="clean/filter/dedup", unit=" docs", disable=not cfg.progress, file=sys.stderr)
-    with open(work / "clean.jsonl", "w", encoding="utf-8") as f:
-        for reason, text, nbytes, pii, digest, values in _pool_results(cfg, docs):
-            bar.update(1)
-            if reason is None and decontam is not None:
-                hit = decontam.sources(text)
-                reason = f"decontaminate:{min(hit)}" if hit else None
-            if reason is None:
-                reason = deduper.check(digest, values)
-            if reason:
-                report.drop(reason, nbytes)
-                continue
-            report.keep(nbytes, len(text.encode("utf-8")), pii)
-            f.write(json.dumps(text, ensure_ascii=False) + "\n")
-            kept += 1
+    stats, kept = ReadStats(), 0
+    bar = tqdm(desc="dedup/write", unit=" docs", disable=not cfg.progress, file=sys.stderr)
+    with open(local / "clean.jsonl", "w", encoding="utf-8") as f:
+        for i, name in enumerate(frags):
+            for j, (reason, text, nbytes, pii, digest, values) in enumerate(iter_fragment(work, name, stats)):
+                bar.update(1)
+                if reason is None:
+                    reason = decide((i << 32) | j, digest, values)
+                if reason:
+                    report.drop(reason, nbytes)
+                    continue
+                report.keep(nbytes, len(text.encode("utf-8")), pii)
+                f.write(json.dumps(text, ensure_ascii=False) + "\n")
+                kept += 1
     bar.close()
+    report.read_stats(stats)
     return kept
+
+
+def clean_and_dedup(cfg: PrepareConfig, files: list[str], work: WorkDir, local: Path, report: Report,
+                    decontam=None) -> int:
+    """Stage 1 (the files not done yet, by the chosen executor) and dedup: kept documents, in input
+    order, to `local/clean.jsonl`; returns their count."""
+    frags = fragment_names(files, stage1_key(cfg, decontam))
+    have = work.names()
+    todo = [i for i, name in enumerate(frags) if name not in have]
+    if len(todo) < len(files):
+        from ember.log import log
+
+        log(f"resuming: {len(files) - len(todo)} of {len(files)} input files already done in {work.location}")
+    progress = Progress(cfg.progress, files, todo, f"clean/filter ({cfg.executor})")
+    try:
+        if cfg.executor == "ray":
+            from ember.data import ray_executor
+
+            with ray_executor.session(cfg):
+                ray_executor.run_stage1(cfg, files, todo, frags, work, decontam, progress)
+                decisions = ray_executor.dedup_decisions(cfg, frags, work)
+            decide = lambda g, digest, values: decisions.get(g)  # noqa: E731
+        else:
+            run_stage1_local(cfg, files, todo, frags, work, decontam, progress)
+            decide = Deduper(cfg.dedup).check_at
+    finally:
+        progress.close()
+    return dedup_and_write(cfg, frags, work, local, report, decide)
 
 
 # --------------------------------------------------------------------------- stages 2-4 (main)
@@ -321,38 +585,115 @@ def _install(build: Path, out: Path) -> None:
     shutil.rmtree(build, ignore_errors=True)
 
 
+RUN_ONLY = ("out", "executor", "ray_address", "work_dir")
+"""Settings that decide where and how a run executes, not what it produces: left out of the manifest,
+so the executors' manifests are identical and a dataset copied elsewhere keeps a true manifest."""
+
+
+def _check_out_url(out: str) -> None:
+    fs, root = remote.filesystem(out)
+    if fs.isfile(root):
+        raise EmberError(f"--out {out}: is a file, expected a directory. HINT: pick another --out")
+    names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)} if fs.isdir(root) else set()
+    ours = _ember_files_url(fs, root)
+    ember_like = re.compile(r"(train|val)_\d+\.bin|manifest\.json|report\.json|tokenizer")
+    foreign = sorted(n for n in names if ember_like.fullmatch(n) and n not in ours)
+    if foreign:
+        raise EmberError(f"--out {out}: holds {', '.join(foreign[:5])}, which ember did not write (no ember "
+                         "manifest lists them) and would replace. HINT: choose a new or empty --out URL")
+
+
+def _ember_files_url(fs, root: str) -> set[str]:
+    try:
+        m = json.loads(fs.cat_file(posixpath.join(root, shards.MANIFEST)))
+        names = {shards.MANIFEST, "report.json", m.get("tokenizer") or "tokenizer"}
+        return names | {e["file"] for entries in m["splits"].values() for e in entries}
+    except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+
+
+def _install_url(build: Path, out: str) -> None:
+    """Upload the complete dataset in `build` to the URL `out`: the old manifest is removed first (so
+    nothing half-replaced looks valid), then the new files, the manifest last, then stale old shards."""
+    fs, root = remote.filesystem(out)
+    fs.makedirs(root, exist_ok=True)
+    old = _ember_files_url(fs, root)
+    new = sorted(p.name for p in build.iterdir())
+    if shards.MANIFEST in old and fs.exists(posixpath.join(root, shards.MANIFEST)):
+        fs.rm(posixpath.join(root, shards.MANIFEST))
+    for name in new:
+        if name == shards.MANIFEST:
+            continue
+        if (build / name).is_dir():
+            for f in sorted((build / name).rglob("*")):
+                if f.is_file():
+                    fs.makedirs(posixpath.join(root, name, *f.relative_to(build / name).parent.parts), exist_ok=True)
+                    fs.put_file(str(f), posixpath.join(root, name, *f.relative_to(build / name).parts))
+        else:
+            fs.put_file(str(build / name), posixpath.join(root, name))
+    tmp = posixpath.join(root, f".{shards.MANIFEST}.{os.getpid()}.tmp")
+    fs.put_file(str(build / shards.MANIFEST), tmp)
+    fs.mv(tmp, posixpath.join(root, shards.MANIFEST))
+    for name in sorted(old - set(new)):
+        if fs.exists(posixpath.join(root, name)):
+            fs.rm(posixpath.join(root, name), recursive=True)
+
+
+def default_work_dir(out: str) -> str:
+    return remote.sibling(out, f".{remote.basename(out)}.prepare-work")
+
+
 def prepare(cfg: PrepareConfig, manifest_extra: dict | None = None, decontam=None) -> dict:
-    """Run the whole pipeline into `cfg.out`; returns the manifest (with the report in it).
+    """Run the whole pipeline into `cfg.out` (a directory or a URL); returns the manifest (with the
+    report in it).
 
     `manifest_extra`: more keys for manifest.json (e.g. the bundled corpus's fingerprint).
-    `decontam`: an NgramIndex of evaluation items whose overlapping documents are dropped."""
+    `decontam`: an NgramIndex of evaluation items whose overlapping documents are dropped.
+    A run that fails or is killed keeps the finished files' stage-1 results in the work directory
+    (`--work-dir`), and the same command then resumes from them; a successful run removes it."""
     from ember.config import to_dict
+    from ember.log import log
 
     if not cfg.input:
         raise EmberError("no --input given. HINT: pass --input FILE... (or use ember.data.bundled)")
-    out = Path(cfg.out)
-    _check_out(out)
-    tok = get_tokenizer(cfg, out, set()) if cfg.tokenizer else None  # fail on a bad tokenizer before any work
-    out.parent.mkdir(parents=True, exist_ok=True)
-    build = make_temp_dir(out.parent, prefix=f".{out.resolve().name}.prepare.")
-    work = build / ".work"
-    work.mkdir()
-    report, stats, t0 = Report(), ReadStats(), time.perf_counter()
+    url_out = remote.is_url(cfg.out)
+    if url_out:
+        _check_out_url(cfg.out)
+    else:
+        _check_out(Path(cfg.out))
+    if cfg.executor == "ray":
+        from ember.data import ray_executor
+
+        ray_executor.check_locations(cfg)
+    tok = get_tokenizer(cfg, Path("."), set()) if cfg.tokenizer else None  # fail on a bad tokenizer before any work
+    files = expand_inputs(cfg.input)
+    for f in files:
+        check_readable(f)
+    work = WorkDir(cfg.work_dir or default_work_dir(cfg.out))
+    if url_out:
+        build = Path(tempfile.mkdtemp(prefix=".prepare.", suffix=".tmp"))
+    else:
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        build = make_temp_dir(out.parent, prefix=f".{out.resolve().name}.prepare.")
+    local = build / ".work"
+    local.mkdir()
+    report, t0 = Report(), time.perf_counter()
     try:
-        n_docs = clean_and_dedup(cfg, work, report, stats, decontam)
-        report.read_stats(stats)
-        if stats.docs == 0:
+        n_docs = clean_and_dedup(cfg, files, work, local, report, decontam)
+        if report.input["docs"] == 0:
             raise EmberError(f"{', '.join(cfg.input)}: empty input (no documents). HINT: check the files")
         if n_docs == 0:
             raise EmberError(f"{', '.join(cfg.input)}: every document was dropped ({report.drop_summary()}). "
                              f"{_dropped_hint(cfg, report)}")
         t1 = time.perf_counter()
         val = val_indices(n_docs, cfg.split)
-        tok = tok or get_tokenizer(cfg, work, val)
+        tok = tok or get_tokenizer(cfg, local, val)
         t2 = time.perf_counter()
-        splits = tokenize_to_shards(cfg, tok, work, build, val, n_docs)
+        splits = tokenize_to_shards(cfg, tok, local, build, val, n_docs)
         tok.save(build / "tokenizer")
         report.timing(clean=t1 - t0, tokenizer=t2 - t1, tokenize=time.perf_counter() - t2)
+        config = {k: v for k, v in to_dict(cfg).items() if k not in RUN_ONLY}
         manifest = {
             "format_version": shards.MANIFEST_VERSION, "shard_format_version": shards.VERSION,
             "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
@@ -360,13 +701,22 @@ def prepare(cfg: PrepareConfig, manifest_extra: dict | None = None, decontam=Non
             "tokens": {s: sum(x["tokens"] for x in v["shards"]) for s, v in splits.items()},
             "docs": {s: v["docs"] for s, v in splits.items()},
             "splits": {s: v["shards"] for s, v in splits.items()},
-            "config": to_dict(cfg), "report": report.to_dict(), **(manifest_extra or {}),
+            "config": config, "report": report.to_dict(), **(manifest_extra or {}),
         }
-        shutil.rmtree(work)
+        shutil.rmtree(local)
         atomic_write_text(build / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
         shards.write_manifest(build, manifest)
-        _install(build, out)
+        if url_out:
+            _install_url(build, cfg.out)
+        else:
+            _install(build, Path(cfg.out))
+        work.remove()
         return manifest
+    except BaseException:
+        if work.names():
+            log(f"prepare stopped; the finished input files' work is kept in {work.location}: run the same "
+                "command again to resume from it (or delete that directory to start over)")
+        raise
     finally:  # after a successful install `build` is gone; otherwise it is this run's partial work
         shutil.rmtree(build, ignore_errors=True)
 

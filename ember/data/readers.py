@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator
 
+from ember.data import remote
 from ember.errors import EmberError
 
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".md")
@@ -49,17 +50,19 @@ class ReadStats:
     skipped_non_text: list[str] = field(default_factory=list)
 
 
-def _open(path: Path) -> IO[bytes]:
-    name = path.name.lower()
+def _open(path: str) -> IO[bytes]:
+    """A local path or a URL (fsspec), decompressed by its .gz/.xz suffix."""
+    name = str(path).lower()
+    raw = remote.open_file(path, "rb")
     if name.endswith(".gz"):
-        return gzip.open(path, "rb")
+        return gzip.open(raw, "rb")
     if name.endswith(".xz"):
-        return lzma.open(path, "rb")
-    return open(path, "rb")
+        return lzma.open(raw, "rb")
+    return raw
 
 
-def _base_suffix(path: Path) -> str:
-    name = path.name.lower()
+def _base_suffix(path: str | Path) -> str:
+    name = str(path).rstrip("/").rsplit("/", 1)[-1].lower()
     for comp in (".gz", ".xz"):
         if name.endswith(comp):
             name = name[: -len(comp)]
@@ -77,16 +80,10 @@ def decode(data: bytes, stats: ReadStats) -> str:
         return text
 
 
-def expand_inputs(paths: list[str | Path]) -> list[Path]:
-    """Files as given; directories expand to their readable files (sorted, recursive)."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and _base_suffix(f) in SUFFIXES)
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise EmberError(f"{p}: no such file or directory. HINT: check the --input path")
+def expand_inputs(paths: list[str | Path]) -> list[str]:
+    """Files as given; directories expand to their readable files (sorted, recursive), globs to their
+    readable matches (sorted). Local paths or URLs (`s3://bucket/dir/*.jsonl.gz`, ...)."""
+    out = remote.expand([str(p) for p in paths], lambda name: _base_suffix(name) in SUFFIXES)
     if not out:
         raise EmberError(f"{', '.join(map(str, paths)) or '(none)'}: no input files found, expected "
                          f"{'/'.join(SUFFIXES)} files (optionally .gz/.xz). HINT: pass --input FILE...")
@@ -164,7 +161,7 @@ def _read_parquet(path: Path, cfg: ReadConfig, stats: ReadStats) -> Iterator[str
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(remote.open_file(path, "rb") if remote.is_url(path) else path)
     except Exception as e:  # pyarrow raises several types for a bad file
         raise EmberError(f"{path}: not a readable parquet file ({e}). HINT: check the file") from None
     if cfg.text_field not in pf.schema_arrow.names:
@@ -179,22 +176,36 @@ def _read_parquet(path: Path, cfg: ReadConfig, stats: ReadStats) -> Iterator[str
                                  "expected strings. HINT: pass --text-field NAME")
 
 
+_READERS = {".txt": _read_txt, ".md": _read_txt, ".jsonl": _read_jsonl, ".json": _read_jsonl,
+            ".parquet": _read_parquet}
+
+
+def check_readable(path: str) -> None:
+    """An error naming the file when its type is not one ember reads."""
+    if _base_suffix(path) not in _READERS:
+        raise EmberError(f"{path}: unknown input type, expected one of {'/'.join(SUFFIXES)} "
+                         "(optionally .gz/.xz). HINT: rename the file or convert it")
+
+
+def read_file(path: str, cfg: ReadConfig, stats: ReadStats) -> Iterator[str]:
+    """Every document of one input file (a local path or a URL), in order; counts go to `stats`."""
+    check_readable(path)
+    stats.files += 1
+    try:
+        for text in _READERS[_base_suffix(path)](path, cfg, stats):
+            stats.docs += 1
+            stats.bytes += len(text.encode("utf-8"))
+            yield text
+    except (EOFError, gzip.BadGzipFile, lzma.LZMAError, zlib.error) as e:
+        kind = "gzip" if str(path).lower().endswith(".gz") else "xz" if str(path).lower().endswith(".xz") else "compressed"
+        raise EmberError(f"{path}: truncated or not a {kind} file ({type(e).__name__}: {e}). "
+                         "HINT: re-download or re-compress it") from None
+
+
 def read_documents(paths: list[str | Path], cfg: ReadConfig, stats: ReadStats) -> Iterator[str]:
-    """Every document of every input, in order (files sorted within directories)."""
-    readers = {".txt": _read_txt, ".md": _read_txt, ".jsonl": _read_jsonl, ".json": _read_jsonl,
-               ".parquet": _read_parquet}
-    for path in expand_inputs(paths):
-        reader = readers.get(_base_suffix(path))
-        if reader is None:
-            raise EmberError(f"{path}: unknown input type, expected one of {'/'.join(SUFFIXES)} "
-                             "(optionally .gz/.xz). HINT: rename the file or convert it")
-        stats.files += 1
-        try:
-            for text in reader(path, cfg, stats):
-                stats.docs += 1
-                stats.bytes += len(text.encode("utf-8"))
-                yield text
-        except (EOFError, gzip.BadGzipFile, lzma.LZMAError, zlib.error) as e:
-            kind = {".gz": "gzip", ".xz": "xz"}.get(path.suffix, "compressed")
-            raise EmberError(f"{path}: truncated or not a {kind} file ({type(e).__name__}: {e}). "
-                             "HINT: re-download or re-compress it") from None
+    """Every document of every input, in order (files sorted within directories and globs)."""
+    files = expand_inputs(paths)
+    for path in files:
+        check_readable(path)
+    for path in files:
+        yield from read_file(path, cfg, stats)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import struct
 from pathlib import Path
 
@@ -161,13 +162,22 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
 
 
 def read_manifest(data_dir: str | Path) -> dict:
-    """Load and check `<data_dir>/manifest.json`."""
-    path = Path(data_dir) / MANIFEST
-    if not path.is_file():
-        raise EmberError(f"{path}: no manifest, so {data_dir} is not a prepared dataset (or its prepare was "
-                         f"interrupted). {HINT}")
+    """Load and check `<data_dir>/manifest.json` (`data_dir` may be a URL)."""
+    from ember.data import remote
+
+    url = remote.is_url(str(data_dir))
+    path = remote.join(str(data_dir), MANIFEST) if url else Path(data_dir) / MANIFEST
     try:
-        m = json.loads(path.read_text())
+        if url:
+            fs, inner = remote.filesystem(str(data_dir))
+            text = fs.cat_file(posixpath.join(inner, MANIFEST)).decode("utf-8")
+        else:
+            text = path.read_text()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise EmberError(f"{path}: no manifest, so {data_dir} is not a prepared dataset (or its prepare was "
+                         f"interrupted). {HINT}") from None
+    try:
+        m = json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise EmberError(f"{path}: unreadable manifest ({e}). {HINT}") from None
     if not isinstance(m, dict) or m.get("format_version") != MANIFEST_VERSION or "splits" not in m:
