@@ -2,6 +2,7 @@
 fsspec URLs in and out, globs, and resuming a killed run at file granularity."""
 
 import hashlib
+import math
 import json
 import os
 import signal
@@ -271,3 +272,105 @@ def test_ray_refuses_process_local_urls(tmp_path, tokenizer_dir):
     pytest.importorskip("ray.data")
     with pytest.raises(EmberError, match="memory:// filesystem lives in one process"):
         prepare(cfg_for("memory://corpus/x.jsonl", tmp_path / "o", tokenizer_dir, executor="ray"))
+
+
+# --------------------------------------------------------------------------- mixtures
+@pytest.fixture(scope="module")
+def two_datasets(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("mix")
+    outs = []
+    for k, seeds in enumerate((range(300, 340), range(400, 430))):
+        (root / f"in{k}").mkdir()
+        (root / f"in{k}" / "d.jsonl").write_text("".join(json.dumps({"text": make_doc(s)}) + "\n" for s in seeds))
+        prepare(cfg_for(root / f"in{k}", root / f"ds{k}", tokenizer_dir))
+        outs.append(root / f"ds{k}")
+    return outs
+
+
+def test_mixture_weights_rows_and_exact_resume(two_datasets):
+    from ember.data.loader import MixtureLoader, parse_mix
+
+    a, b = map(str, two_datasets)
+    src = parse_mix(f"{a}:7,{b}:3")
+    assert src == [(a, 0.7), (b, 0.3)]
+    kw = dict(block_size=16, batch_size=8, dp_rank=1, dp_size=2, seed=5)
+    mix = MixtureLoader(src, "train", **kw)
+    refs = [TokenLoader(a, "train", **kw), TokenLoader(b, "train", **kw)]
+    counts = np.zeros(2)
+    for step in range(200):
+        x, y = mix.next_batch()
+        src_rows = mix.last_sources
+        counts += np.bincount(src_rows, minlength=2)
+        for k in (0, 1):  # each row is the next window of its own dataset's stream
+            rows = np.flatnonzero(src_rows == k)
+            rx, ry = refs[k].take(len(rows))
+            assert x[torch_idx(rows)].equal(rx) and y[torch_idx(rows)].equal(ry)
+        if step == 120:
+            saved = mix.state_dict()
+            rest = [mix.next_batch() for _ in range(3)]
+            for ld, r in zip(refs, mix.loaders):
+                ld.load_state_dict(r.state_dict())
+    frac = counts[0] / counts.sum()
+    n = counts.sum()
+    assert abs(frac - 0.7) < 3 * np.sqrt(0.21 / n), frac  # within sampling error
+    again = MixtureLoader(src, "train", **kw)
+    again.load_state_dict(saved)
+    for (x1, y1), (x2, y2) in zip(rest, [again.next_batch() for _ in range(3)]):
+        assert x1.equal(x2) and y1.equal(y2)
+    assert sum(1 for _ in mix.iter_eval(4)) == 3 + 1  # round(4 * 0.7) + round(4 * 0.3)
+
+
+def torch_idx(rows):
+    import torch
+
+    return torch.from_numpy(rows)
+
+
+def test_mixture_bad_specs_are_clear(two_datasets, tmp_path, tokenizer_dir):
+    from ember.data.loader import MixtureLoader, parse_mix
+
+    for spec, msg in (("a", "not SOURCE:WEIGHT"), ("a:0", "weight > 0"), ("a:x", "not SOURCE:WEIGHT"),
+                      ("a:1,a:2", "named twice"), ("", "no sources")):
+        with pytest.raises(EmberError, match=msg):
+            parse_mix(spec)
+    from ember.tokenizer import train_bpe
+
+    train_bpe([make_doc(i) for i in range(40)], 280).save(tmp_path / "tok2")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "d.jsonl").write_text("".join(json.dumps({"text": make_doc(s)}) + "\n" for s in range(20)))
+    prepare(cfg_for(tmp_path / "in", tmp_path / "other", str(tmp_path / "tok2")))
+    with pytest.raises(EmberError, match="needs one tokenizer"):
+        MixtureLoader([(str(two_datasets[0]), 0.5), (str(tmp_path / "other"), 0.5)], "train", 16, 4)
+
+
+def test_pretrain_on_a_mix_of_a_dir_and_a_url(two_datasets, tmp_path, monkeypatch, capsys):
+    """`ember pretrain --data.mix DIR:0.6,memory://...:0.4` trains and resumes exactly (same losses)."""
+    import fsspec
+
+    from ember.cli import main as cli
+
+    monkeypatch.setenv("EMBER_CACHE", str(tmp_path / "cache"))
+    fs = fsspec.filesystem("memory")
+    for p in sorted(two_datasets[1].rglob("*")):
+        if p.is_file():
+            fs.pipe_file(f"/mixsrc/{p.relative_to(two_datasets[1]).as_posix()}", p.read_bytes())
+    mix = f"{two_datasets[0]}:0.6,memory://mixsrc:0.4"
+
+    def args(run, *extra):
+        return ["pretrain", "--model-preset", "tiny", "--data.mix", mix, "--data.block-size", "32", "--run-dir",
+                str(run), "--train.batch-size", "4", "--train.warmup-steps", "0", "--train.schedule", "constant",
+                "--train.eval-every", "0",
+                "--train.log-every", "1", "--train.save-every", "2", "--samples.num", "0", "--device", "cpu", *extra]
+
+    assert cli(args(tmp_path / "full", "--train.max-steps", "4")) == 0
+    assert cli(args(tmp_path / "half", "--train.max-steps", "2")) == 0
+    assert cli(args(tmp_path / "half", "--train.max-steps", "4", "--resume")) == 0
+
+    def losses(run):
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r and "step" in r}
+
+    full, half = losses(tmp_path / "full"), losses(tmp_path / "half")
+    assert full[3] == pytest.approx(half[3], abs=1e-6) and full[4] == pytest.approx(half[4], abs=1e-6)
+    result = json.loads((tmp_path / "full" / "result.json").read_text())
+    assert math.isfinite(result["unigram_entropy"]) and result["val_loss"] < 10

@@ -18,6 +18,11 @@ Sampling scheme (T = block_size, B = batch_size, R = dp_size, r = dp_rank):
   below vocab_size); with `verify=False` each batch's ids are still checked against the vocabulary.
 * `iter_eval(max_batches)` is fixed: shift 0, windows in file order, strided by rank, first
   `max_batches` batches; every call yields the same batches.
+* `data_dir` may be a URL (`s3://...`, any fsspec URL): the manifest and tokenizer are read into a
+  local cache, each shard is fetched (and checked against the manifest's sha256) when a batch first
+  needs it; resume and rank-awareness are the same as for a local directory.
+
+`MixtureLoader` draws each row from one of several datasets with given weights (`--data.mix`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ember.data import remote, shards
+from ember.data import cache, remote, shards
 from ember.errors import EmberError
 
 STATE_VERSION = 1
@@ -46,7 +51,7 @@ class TokenLoader:
         if block_size < 1 or batch_size < 1:
             raise EmberError(f"TokenLoader: block_size {block_size} and batch_size {batch_size} must be >= 1")
         if remote.is_url(str(data_dir)):  # a dataset at a URL: read through the local cache, shards on first use
-            data_dir = remote.cached_dataset(str(data_dir))
+            data_dir = cache.cached_dataset(str(data_dir))
         self.data_dir, self.split = Path(data_dir), split
         self.block_size, self.batch_size = block_size, batch_size
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
@@ -58,7 +63,7 @@ class TokenLoader:
         self.files = shards.split_files(self.data_dir, split, self.manifest)
         self.lengths = np.array([int(e["tokens"]) for e in self.files], np.int64)
         self._shards: list[np.ndarray | None] = [None] * len(self.files)
-        self.streaming = remote.source_of(self.data_dir) is not None
+        self.streaming = cache.source_of(self.data_dir) is not None
         if not self.streaming:  # local shards are all opened (and checked) now: bad data fails at the start
             for i in range(len(self.files)):
                 self.shard(i)
@@ -77,7 +82,7 @@ class TokenLoader:
 
     def _open(self, entry: dict) -> np.memmap:
         """Memory-map one shard; with `verify` (the default) read it once to check checksums and ids."""
-        remote.ensure_shard(self.data_dir, entry)
+        cache.ensure_shard(self.data_dir, entry)
         tokens = shards.read_shard(self.data_dir / entry["file"], verify=self.verify, sha256=entry.get("sha256"))
         if len(tokens) != entry["tokens"]:
             raise EmberError(f"{self.data_dir / entry['file']}: {len(tokens)} tokens, manifest says "
@@ -124,10 +129,17 @@ class TokenLoader:
     # ------------------------------------------------------------------ public API
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (inputs, targets), each (B, T) int64; targets[:, i] == inputs[:, i + 1]."""
+        return self.take(self.batch_size)
+
+    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next `n` windows of this rank's stream as (inputs, targets), each (n, T)."""
+        if n == 0:
+            empty = torch.empty((0, self.block_size), dtype=torch.int64)
+            return empty, empty.clone()
         parts, got = [], 0
-        while got < self.batch_size:
+        while got < n:
             plan = self._epoch_plan(self.epoch)
-            take = plan[self.pos:self.pos + self.batch_size - got]
+            take = plan[self.pos:self.pos + n - got]
             parts.append(take)
             got += len(take)
             self.pos += len(take)
@@ -184,3 +196,105 @@ class TokenLoader:
             if max_batches is not None and b >= max_batches:
                 return
             yield self._gather(places[i:i + self.batch_size])
+
+
+# --------------------------------------------------------------------------- mixtures
+def parse_mix(spec: str, flag: str = "--data.mix") -> list[tuple[str, float]]:
+    """'DIR_OR_URL:WEIGHT,...' -> [(source, weight normalised to sum 1)]; a clear error for bad input."""
+    out = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        src, sep, w = part.rpartition(":")
+        try:
+            weight = float(w) if sep else float("nan")
+        except ValueError:
+            weight = float("nan")
+        if not src or not weight > 0 or weight == float("inf"):
+            raise EmberError(f"{flag} {spec!r}: '{part}' is not SOURCE:WEIGHT with a weight > 0. HINT: e.g. "
+                             f"{flag} data/prepared/web:0.7,data/prepared/code:0.3")
+        out.append((src, weight))
+    if len(out) < 1:
+        raise EmberError(f"{flag} {spec!r}: no sources. HINT: e.g. {flag} data/prepared/web:0.7,data/prepared/code:0.3")
+    names = [s for s, _ in out]
+    if len(set(names)) != len(names):
+        raise EmberError(f"{flag} {spec!r}: a source is named twice. HINT: give each dataset once, with its total weight")
+    total = sum(w for _, w in out)
+    return [(s, w / total) for s, w in out]
+
+
+class MixtureLoader:
+    """Batches from several prepared datasets (the same tokenizer), each row drawn from dataset k with
+    probability weights[k], as litgpt's and torchtitan's weighted dataset mixes.
+
+    Each source is an ordinary `TokenLoader` (rank-aware, its own shuffled stream). Batch number n of
+    rank r picks its rows' sources with a generator seeded (seed, n, r), then takes that many windows
+    from each source's stream, so the sequence is deterministic and the state is (n, every source's
+    state): `load_state_dict` continues it exactly. The sources' row counts differ by rank, so a
+    state is tied to its data-parallel size (a resume on another size restarts the data order)."""
+
+    resumes_across_dp_sizes = False
+
+    def __init__(self, sources: list[tuple[str, float]], split: str, block_size: int, batch_size: int,
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, verify: bool = True):
+        if not sources:
+            raise EmberError("MixtureLoader: no sources. HINT: pass DIR:WEIGHT pairs")
+        self.names = [s for s, _ in sources]
+        self.weights = np.array([w for _, w in sources], np.float64)
+        self.weights /= self.weights.sum()
+        self.loaders = [TokenLoader(s, split, block_size, batch_size, dp_rank, dp_size, seed, verify)
+                        for s, _ in sources]
+        first = self.loaders[0]
+        for name, ld in zip(self.names[1:], self.loaders[1:]):
+            if (ld.vocab_size, ld.eos_id) != (first.vocab_size, first.eos_id):
+                raise EmberError(f"mixture: {name} has vocab {ld.vocab_size} / eos {ld.eos_id} but {self.names[0]} "
+                                 f"has {first.vocab_size} / {first.eos_id}; a mixture needs one tokenizer. HINT: "
+                                 f"prepare every dataset with --tokenizer {self.names[0]}/tokenizer")
+        self.split, self.block_size, self.batch_size = split, block_size, batch_size
+        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
+        self.vocab_size, self.eos_id = first.vocab_size, first.eos_id
+        self.data_dir, self.tokenizer_dir = first.data_dir, first.tokenizer_dir
+        self.step = 0
+        self.last_sources = np.empty(0, np.int64)
+        """Which source each row of the last batch came from."""
+
+    def _choice(self, n: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, n, self.dp_rank, 0x6D6978])
+        return rng.choice(len(self.loaders), size=self.batch_size, p=self.weights)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        src = self._choice(self.step)
+        x = torch.empty((self.batch_size, self.block_size), dtype=torch.int64)
+        y = torch.empty_like(x)
+        for k, ld in enumerate(self.loaders):
+            rows = torch.from_numpy(np.flatnonzero(src == k))
+            if len(rows):
+                x[rows], y[rows] = ld.take(len(rows))
+        self.step += 1
+        self.last_sources = src
+        return x, y
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "kind": "mixture", "step": self.step, "seed": self.seed,
+                "sources": list(self.names), "weights": self.weights.tolist(), "dp_size": self.dp_size,
+                "loaders": [ld.state_dict() for ld in self.loaders]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd.get("kind") != "mixture":
+            raise EmberError("loader state: saved by a single-dataset run, resumed with --data.mix. HINT: resume "
+                             "with the data settings of the saved run")
+        for key, now in (("sources", list(self.names)), ("weights", self.weights.tolist()), ("seed", self.seed),
+                         ("dp_size", self.dp_size)):
+            if sd.get(key) != now:
+                raise EmberError(f"loader state: mixture {key} is {sd.get(key)!r} in the checkpoint but {now!r} now, "
+                                 "so the sample sequence cannot be continued. HINT: resume with the same --data.mix")
+        for ld, s in zip(self.loaders, sd["loaders"]):
+            ld.load_state_dict(s)
+        self.step = int(sd["step"])
+
+    def iter_eval(self, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Each source's fixed eval batches, in proportion to its weight (at least one batch each)."""
+        for w, ld in zip(self.weights, self.loaders):
+            yield from ld.iter_eval(None if max_batches is None else max(1, round(max_batches * w)))

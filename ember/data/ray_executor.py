@@ -47,7 +47,7 @@ def _ray():
 
 def check_locations(cfg) -> None:
     """Ray needs Ray Data, and every location must be reachable from every worker."""
-    from ember.data.pipeline import default_work_dir
+    from ember.data.stage1 import default_work_dir
 
     _ray()
     for what, loc in [("--input", p) for p in cfg.input] + [("--out", cfg.out),
@@ -75,10 +75,16 @@ def session(cfg) -> Iterator[None]:
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
+    before = ctx.enable_progress_bars, ctx.shuffle_strategy
     ctx.enable_progress_bars = False  # ember shows its own progress
+    if len(ray.nodes()) == 1:  # one machine: the sort shuffle's fixed cost is about half the hash shuffle's
+        from ray.data.context import ShuffleStrategy
+
+        ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     try:
         yield
     finally:
+        ctx.enable_progress_bars, ctx.shuffle_strategy = before
         if started:
             ray.shutdown()
 
@@ -91,7 +97,7 @@ def _partitions() -> int:
 # --------------------------------------------------------------------------- stage 1
 def _stage1_files(batch: dict, cfg, files: list[str], frags: list[str], work_location: str, decontam) -> dict:
     """A Ray Data task: stage 1 of the given files, each to its fragment (as the local executor does)."""
-    from ember.data.pipeline import FragmentWriter, WorkDir, _chunks, process_doc
+    from ember.data.stage1 import FragmentWriter, WorkDir, chunked, process_doc
     from ember.data.readers import ReadStats, read_file
 
     work, rc = WorkDir(work_location), cfg.read_config()
@@ -100,7 +106,7 @@ def _stage1_files(batch: dict, cfg, files: list[str], frags: list[str], work_loc
         stats, dropped, n = ReadStats(), {}, 0
         writer = FragmentWriter(work.staging(frags[i]))
         try:
-            for chunk in _chunks(read_file(files[i], rc, stats), cfg.chunk_docs):
+            for chunk in chunked(read_file(files[i], rc, stats), cfg.chunk_docs):
                 results = [process_doc(t, cfg, decontam) for t in chunk]
                 writer.add(results)
                 n += len(results)
@@ -145,7 +151,7 @@ def run_stage1(cfg, files: list[str], todo: list[int], frags: list[str], work, d
 def _group_rows(batch: dict, dedup, bands: tuple[int, int], frags: list[str], work_location: str) -> dict:
     """A Ray Data task: (key, global index, content hash, signature) rows of a fragment's candidates."""
     from ember.data.dedup import group_keys
-    from ember.data.pipeline import WorkDir, iter_fragment
+    from ember.data.stage1 import WorkDir, iter_fragment
     from ember.data.readers import ReadStats
 
     work = WorkDir(work_location)

@@ -6,6 +6,9 @@ Examples:
   ember data prepare --input notes.txt docs.jsonl.gz --out data/prepared/mine --vocab-size 8192
   ember data prepare --input corpus/ --out data/prepared/c --tokenizer data/prepared/mine/tokenizer --num-proc 2
   ember data prepare --input web.jsonl --out data/prepared/web --decontaminate mmlu,humaneval
+  ember data prepare --executor ray --ray-address auto --input 's3://bucket/crawl/*.jsonl.gz' --out s3://bucket/web
+
+A killed run resumes: rerun the same command (finished input files are not redone). See docs/data.md.
 """
 
 from __future__ import annotations

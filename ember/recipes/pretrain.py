@@ -36,7 +36,13 @@ class DataConfig:
     """Which token shards to train on."""
 
     data_dir: Optional[str] = None
-    """A prepared shard directory (`ember data prepare --out DIR`); None = the bundled corpus (prepared on first use)."""
+    """A prepared shard directory (`ember data prepare --out DIR`) or its URL (s3://, gs://, hf://, any
+    fsspec URL: shards are fetched into a local cache as they are needed); None = the bundled corpus
+    (prepared on first use)."""
+    mix: str = ""
+    """Several prepared datasets (same tokenizer) mixed with weights, e.g. 'data/prepared/web:0.7,
+    s3://bucket/code:0.3': each row of a batch comes from a dataset with probability its weight
+    (normalised); deterministic and exactly resumable. Replaces --data.data-dir."""
     block_size: Optional[int] = None
     """Training sequence length; None = the model's block_size."""
     verify: bool = True
@@ -102,12 +108,34 @@ def build_model_config(cfg: Config, data_vocab: Optional[int]) -> ModelConfig:
     return mc
 
 
+def _sources(cfg: Config) -> list[tuple[str, float]] | None:
+    """--data.mix as (dataset, weight) pairs, or None."""
+    from ember.data.loader import parse_mix
+
+    if not cfg.data.mix:
+        return None
+    if cfg.data.data_dir:
+        raise EmberError("--data.data-dir and --data.mix both given. HINT: put every dataset in --data.mix "
+                         "(DIR:WEIGHT,...) and drop --data.data-dir")
+    return [(str(_local(src)), w) for src, w in parse_mix(cfg.data.mix)]
+
+
+def _local(src: str) -> Path:
+    """A dataset dir as given, or the local cache of one at a URL (manifest and tokenizer fetched now)."""
+    from ember.data import cache, remote
+
+    return cache.cached_dataset(src) if remote.is_url(src) else Path(src)
+
+
 def _data_dir(cfg: Config, dims) -> Path:
-    """The prepared data: --data.data-dir, or the bundled corpus (rank 0 prepares it once, the others wait)."""
+    """The prepared data: --data.data-dir, the first --data.mix dataset, or the bundled corpus (rank 0
+    prepares it once, the others wait)."""
     from ember.parallel import barrier
 
+    if cfg.data.mix:
+        return Path(_sources(cfg)[0][0])
     if cfg.data.data_dir:
-        return Path(cfg.data.data_dir)
+        return _local(cfg.data.data_dir)
     from ember.data.bundled import prepare_default
 
     if dims.is_main:
@@ -117,10 +145,13 @@ def _data_dir(cfg: Config, dims) -> Path:
 
 
 def _loaders(cfg: Config, dims, data_dir: Path, block_size: int):
-    from ember.data.loader import TokenLoader
+    from ember.data.loader import MixtureLoader, TokenLoader
 
     kw = dict(block_size=block_size, batch_size=cfg.train.batch_size, dp_rank=dims.dp_rank, dp_size=dims.dp_size,
               seed=cfg.train.seed, verify=cfg.data.verify)
+    if cfg.data.mix:
+        sources = _sources(cfg)
+        return MixtureLoader(sources, "train", **kw), MixtureLoader(sources, "val", **kw)
     return TokenLoader(data_dir, "train", **kw), TokenLoader(data_dir, "val", **kw)
 
 
@@ -155,7 +186,11 @@ def _finish(cfg: Config, run, summary: dict, val: dict, data_dir: Path, tokenize
     log(f"final checkpoint: {final_dir}  (try: ember generate --checkpoint {final_dir})")
     if cfg.samples.num > 0 and tokenizer_dir is not None:
         _samples(cfg, final_dir)
-    baseline = train_unigram_entropy(data_dir)
+    if cfg.data.mix:
+        sources = _sources(cfg)
+        baseline = train_unigram_entropy([Path(d) for d, _ in sources], [w for _, w in sources])
+    else:
+        baseline = train_unigram_entropy(data_dir)
     wall = summary["wall_s"]
     lines = [f"steps {trainer.step}, {trainer.tokens_seen:,} tokens, {wall / 60:.1f} min training",
              f"train loss {summary.get('train_loss') or float('nan'):.4f}",
@@ -193,7 +228,7 @@ def _run(cfg: Config, dims) -> int:
     run = start_run(cfg, dims, mcfg, LMLoss(cfg.loss), train_loader, val_loader, seq_len=seq_len,
                     meta={"tokenizer_dir": str(tok_dir) if tok_dir else None})
     log(f"model: {cfg.model_preset}, {mcfg.num_params():,} params ({mcfg.num_params(embedding=False):,} "
-        f"non-embedding), {mcfg.flops_per_token(seq_len) / 1e6:.1f} MFLOP/token; data: {data_dir}")
+        f"non-embedding), {mcfg.flops_per_token(seq_len) / 1e6:.1f} MFLOP/token; data: {cfg.data.mix or cfg.data.data_dir or data_dir}")
     summary = run.train()
     if summary["finished"]:
         val = run.trainer.final_eval()
