@@ -374,3 +374,39 @@ def test_pretrain_on_a_mix_of_a_dir_and_a_url(two_datasets, tmp_path, monkeypatc
     assert full[3] == pytest.approx(half[3], abs=1e-6) and full[4] == pytest.approx(half[4], abs=1e-6)
     result = json.loads((tmp_path / "full" / "result.json").read_text())
     assert math.isfinite(result["unigram_entropy"]) and result["val_loss"] < 10
+
+
+_RAY_CHILD = """
+from ember.data.pipeline import PrepareConfig, prepare
+prepare(PrepareConfig(input=[{inp!r}], out={out!r}, tokenizer={tok!r}, progress=False, executor="ray", num_proc=2))
+"""
+
+
+@pytest.mark.slow
+def test_killed_ray_job_resumes(tmp_path, tokenizer_dir, ray_local, capsys):
+    """SIGKILL of the Ray driver while the big file is still in a worker: the finished files' fragments
+    survive, the rerun redoes only the big file, and the output equals the local executor's."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for k in range(6):
+        (inp / f"f{k}.jsonl").write_text("".join(json.dumps({"text": make_doc(k * 1000 + i)}) + "\n" for i in range(10)))
+    (inp / "f6.jsonl").write_text("".join(json.dumps({"text": make_doc(90_000 + i, n=300)}) + "\n" for i in range(1800)))
+    out, work = tmp_path / "out", tmp_path / ".out.prepare-work"
+    child = subprocess.Popen([sys.executable, "-c", _RAY_CHILD.format(inp=str(inp), out=str(out), tok=tokenizer_dir)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and len(list(work.glob("*.parquet"))) < 6:
+            time.sleep(0.1)
+    finally:  # the whole job dies, as under a scheduler's kill: the driver and the Ray instance it started
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    time.sleep(1)
+    done = sorted(p.name[:6] for p in work.glob("*.parquet"))
+    assert done == ["000000", "000001", "000002", "000003", "000004", "000005"] and not out.exists()
+    capsys.readouterr()
+    cfg = PrepareConfig(input=[str(inp)], out=str(out), tokenizer=tokenizer_dir, progress=False, executor="ray")
+    resumed = prepare(cfg)
+    assert "resuming: 6 of 7 input files already done" in capsys.readouterr().out
+    ref = prepare(PrepareConfig(input=[str(inp)], out=str(tmp_path / "ref"), tokenizer=tokenizer_dir, progress=False))
+    assert comparable(resumed) == comparable(ref)
