@@ -410,3 +410,37 @@ def test_killed_ray_job_resumes(tmp_path, tokenizer_dir, ray_local, capsys):
     assert "resuming: 6 of 7 input files already done" in capsys.readouterr().out
     ref = prepare(PrepareConfig(input=[str(inp)], out=str(tmp_path / "ref"), tokenizer=tokenizer_dir, progress=False))
     assert comparable(resumed) == comparable(ref)
+
+
+def test_decontamination_keys_are_the_same_in_every_process():
+    """The n-gram index built by the driver is used by workers (Ray: other processes, other machines), so
+    its keys must not depend on Python's per-process string hash seed."""
+    from ember.data.decontam import ngram_keys, words
+
+    text = "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat today again"
+    code = ("from ember.data.decontam import ngram_keys, words; "
+            f"print(list(ngram_keys(words({text!r}), 5)))")
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        assert json.loads(out) == list(ngram_keys(words(text), 5))
+
+
+def test_rerun_into_a_url_replaces_the_dataset_and_refuses_foreign_files(tmp_path, tokenizer_dir):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    planted_corpus(tmp_path / "in")
+    url = "memory://rerun/ds"
+    big = prepare(cfg_for(tmp_path / "in", url, tokenizer_dir))
+    small = cfg_for(tmp_path / "in", url, tokenizer_dir)
+    small.split.shard_tokens = 100_000  # one shard per split now: the old extra shards must go
+    m = prepare(small)
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls("/rerun/ds", detail=False)}
+    assert len(big["splits"]["train"]) > 1 and len(m["splits"]["train"]) == 1
+    assert names == {"manifest.json", "report.json", "tokenizer", "train_000000.bin", "val_000000.bin"}
+    assert json.loads(fs.cat_file("/rerun/ds/manifest.json")) == json.loads(json.dumps(m))
+    fs.pipe_file("/foreign/ds/train_000000.bin", b"someone else's")
+    with pytest.raises(EmberError, match="ember did not write"):
+        prepare(cfg_for(tmp_path / "in", "memory://foreign/ds", tokenizer_dir))
+    assert fs.cat_file("/foreign/ds/train_000000.bin") == b"someone else's"
