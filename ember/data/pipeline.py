@@ -47,10 +47,10 @@ from ember.data import remote, shards
 from ember.data.clean import CleanConfig
 from ember.data.dedup import DedupConfig, Deduper
 from ember.data.filters import FilterConfig
-from ember.data.readers import ReadConfig, ReadStats, check_readable, expand_inputs, read_file
+from ember.data.readers import ReadConfig, ReadStats, expand_inputs, read_file
 from ember.data.report import Report
-from ember.data.stage1 import (FragmentWriter, WorkDir, chunked, default_work_dir, fragment_names, iter_fragment,
-                               process_doc, stage1_key)
+from ember.data.stage1 import (FragmentWriter, WorkDir, chunked, default_work_dir, drop_counts, fragment_names,
+                               iter_fragment, process_doc, stage1_key)
 from ember.errors import EmberError
 from ember.fileio import atomic_write_text, check_writable, make_temp_dir
 
@@ -217,11 +217,7 @@ def run_stage1_local(cfg: PrepareConfig, files: list[str], todo: list[int], frag
                 progress.file_done(i)
             else:
                 writer.add(payload)
-                dropped: dict[str, int] = {}
-                for r in payload:
-                    if r[0]:
-                        dropped[r[0]] = dropped.get(r[0], 0) + 1
-                progress.add(len(payload), dropped)
+                progress.add(len(payload), drop_counts(payload))
     finally:
         if writer is not None:  # interrupted mid-file: its partial fragment is not kept
             writer.path.unlink(missing_ok=True)
@@ -231,10 +227,11 @@ class Progress:
     """What a long prepare shows on stderr: input bytes done of the total (so an ETA), documents/s,
     and the documents dropped so far per rule."""
 
-    def __init__(self, enabled: bool, files: list[str], todo: list[int], desc: str):
+    def __init__(self, enabled: bool, sizes: dict[int, int], desc: str):
+        """`sizes`: the bytes of each input file still to do, by file index."""
         from tqdm import tqdm
 
-        self.sizes = {i: (remote.file_identity(files[i]).get("size") or 0) for i in todo}
+        self.sizes = sizes
         self.bar = tqdm(total=sum(self.sizes.values()), desc=desc, unit="B", unit_scale=True,
                         disable=not enabled, file=sys.stderr)
         self.t0, self.n, self.dropped, self.last = time.perf_counter(), 0, {}, 0.0
@@ -287,14 +284,16 @@ def clean_and_dedup(cfg: PrepareConfig, files: list[str], work: WorkDir, local: 
                     decontam=None) -> int:
     """Stage 1 (the files not done yet, by the chosen executor) and dedup: kept documents, in input
     order, to `local/clean.jsonl`; returns their count."""
-    frags = fragment_names(files, stage1_key(cfg, decontam))
+    identities = [remote.file_identity(f) for f in files]
+    frags = fragment_names(files, identities, stage1_key(cfg, decontam))
     have = work.names()
     todo = [i for i, name in enumerate(frags) if name not in have]
     if len(todo) < len(files):
         from ember.log import log
 
         log(f"resuming: {len(files) - len(todo)} of {len(files)} input files already done in {work.location}")
-    progress = Progress(cfg.progress, files, todo, f"clean/filter ({cfg.executor})")
+    progress = Progress(cfg.progress, {i: identities[i].get("size") or 0 for i in todo},
+                        f"clean/filter ({cfg.executor})")
     if cfg.executor == "ray":
         from ember.data import ray_executor
         from ember.log import log
@@ -365,7 +364,11 @@ def tokenize_to_shards(cfg: PrepareConfig, tok, work: Path, out: Path, val: set[
     return {s: {"docs": docs[s], "shards": w.close()} for s, w in writers.items()}
 
 
-def _ember_files(out: Path) -> set[str]:
+_EMBER_LIKE = re.compile(r"(train|val)_\d+\.bin|manifest\.json|report\.json|tokenizer")
+"""Names ember's prepare writes (a file so named that no ember manifest lists is someone else's)."""
+
+
+def _ember_files(out: str | Path) -> set[str]:
     """Names in `out` that a previous ember prepare wrote (from its manifest); empty if there is none."""
     try:
         m = shards.read_manifest(out)
@@ -381,8 +384,7 @@ def _foreign_files(out: Path, new: list[str] | None = None) -> list[str]:
     if not out.is_dir():
         return []
     ours = _ember_files(out)
-    ember_like = re.compile(r"(train|val)_\d+\.bin|manifest\.json|report\.json|tokenizer")
-    names = new if new is not None else [p.name for p in out.iterdir() if ember_like.fullmatch(p.name)]
+    names = new if new is not None else [p.name for p in out.iterdir() if _EMBER_LIKE.fullmatch(p.name)]
     return sorted(n for n in names if (out / n).exists() and n not in ours)
 
 
@@ -428,21 +430,11 @@ def _check_out_url(out: str) -> None:
     if fs.isfile(root):
         raise EmberError(f"--out {out}: is a file, expected a directory. HINT: pick another --out")
     names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)} if fs.isdir(root) else set()
-    ours = _ember_files_url(fs, root)
-    ember_like = re.compile(r"(train|val)_\d+\.bin|manifest\.json|report\.json|tokenizer")
-    foreign = sorted(n for n in names if ember_like.fullmatch(n) and n not in ours)
+    ours = _ember_files(out)
+    foreign = sorted(n for n in names if _EMBER_LIKE.fullmatch(n) and n not in ours)
     if foreign:
         raise EmberError(f"--out {out}: holds {', '.join(foreign[:5])}, which ember did not write (no ember "
                          "manifest lists them) and would replace. HINT: choose a new or empty --out URL")
-
-
-def _ember_files_url(fs, root: str) -> set[str]:
-    try:
-        m = json.loads(fs.cat_file(posixpath.join(root, shards.MANIFEST)))
-        names = {shards.MANIFEST, "report.json", m.get("tokenizer") or "tokenizer"}
-        return names | {e["file"] for entries in m["splits"].values() for e in entries}
-    except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
-        return set()
 
 
 def _install_url(build: Path, out: str) -> None:
@@ -450,7 +442,7 @@ def _install_url(build: Path, out: str) -> None:
     nothing half-replaced looks valid), then the new files, the manifest last, then stale old shards."""
     fs, root = remote.filesystem(out)
     fs.makedirs(root, exist_ok=True)
-    old = _ember_files_url(fs, root)
+    old = _ember_files(out)
     new = sorted(p.name for p in build.iterdir())
     if shards.MANIFEST in old and fs.exists(posixpath.join(root, shards.MANIFEST)):
         fs.rm(posixpath.join(root, shards.MANIFEST))
@@ -496,8 +488,6 @@ def prepare(cfg: PrepareConfig, manifest_extra: dict | None = None, decontam=Non
         ray_executor.check_locations(cfg)
     tok = get_tokenizer(cfg, Path("."), set()) if cfg.tokenizer else None  # fail on a bad tokenizer before any work
     files = expand_inputs(cfg.input)
-    for f in files:
-        check_readable(f)
     work = WorkDir(cfg.work_dir or default_work_dir(cfg.out))
     if url_out:
         build = Path(tempfile.mkdtemp(prefix=".prepare.", suffix=".tmp"))

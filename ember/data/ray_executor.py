@@ -97,7 +97,7 @@ def _partitions() -> int:
 # --------------------------------------------------------------------------- stage 1
 def _stage1_files(batch: dict, cfg, files: list[str], frags: list[str], work_location: str, decontam) -> dict:
     """A Ray Data task: stage 1 of the given files, each to its fragment (as the local executor does)."""
-    from ember.data.stage1 import FragmentWriter, WorkDir, chunked, process_doc
+    from ember.data.stage1 import FragmentWriter, WorkDir, chunked, drop_counts, process_doc
     from ember.data.readers import ReadStats, read_file
 
     work, rc = WorkDir(work_location), cfg.read_config()
@@ -110,9 +110,8 @@ def _stage1_files(batch: dict, cfg, files: list[str], frags: list[str], work_loc
                 results = [process_doc(t, cfg, decontam) for t in chunk]
                 writer.add(results)
                 n += len(results)
-                for r in results:
-                    if r[0]:
-                        dropped[r[0]] = dropped.get(r[0], 0) + 1
+                for k, v in drop_counts(results).items():
+                    dropped[k] = dropped.get(k, 0) + v
             work.commit(writer.close(stats), frags[i])
             error = ""
         except EmberError as e:  # bad input: reported by the driver as the same clear error

@@ -82,8 +82,11 @@ def decode(data: bytes, stats: ReadStats) -> str:
 
 def expand_inputs(paths: list[str | Path]) -> list[str]:
     """Files as given; directories expand to their readable files (sorted, recursive), globs to their
-    readable matches (sorted). Local paths or URLs (`s3://bucket/dir/*.jsonl.gz`, ...)."""
+    readable matches (sorted). Local paths or URLs (`s3://bucket/dir/*.jsonl.gz`, ...). A file given by
+    name whose type ember does not read is an error here, before any file is read."""
     out = remote.expand([str(p) for p in paths], lambda name: _base_suffix(name) in SUFFIXES)
+    for path in out:
+        check_readable(path)
     if not out:
         raise EmberError(f"{', '.join(map(str, paths)) or '(none)'}: no input files found, expected "
                          f"{'/'.join(SUFFIXES)} files (optionally .gz/.xz). HINT: pass --input FILE...")
@@ -197,15 +200,12 @@ def read_file(path: str, cfg: ReadConfig, stats: ReadStats) -> Iterator[str]:
             stats.bytes += len(text.encode("utf-8"))
             yield text
     except (EOFError, gzip.BadGzipFile, lzma.LZMAError, zlib.error) as e:
-        kind = "gzip" if str(path).lower().endswith(".gz") else "xz" if str(path).lower().endswith(".xz") else "compressed"
+        kind = {".gz": "gzip", ".xz": "xz"}.get(str(path).lower()[-3:], "compressed")
         raise EmberError(f"{path}: truncated or not a {kind} file ({type(e).__name__}: {e}). "
                          "HINT: re-download or re-compress it") from None
 
 
 def read_documents(paths: list[str | Path], cfg: ReadConfig, stats: ReadStats) -> Iterator[str]:
     """Every document of every input, in order (files sorted within directories and globs)."""
-    files = expand_inputs(paths)
-    for path in files:
-        check_readable(path)
-    for path in files:
+    for path in expand_inputs(paths):
         yield from read_file(path, cfg, stats)

@@ -53,6 +53,15 @@ def process_doc(text: str, cfg, decontam=None) -> tuple:
     return None, text, nbytes, pii, digest, values
 
 
+def drop_counts(results: list[tuple]) -> dict[str, int]:
+    """How many of `process_doc`'s results were dropped, per rule (for the progress view)."""
+    out: dict[str, int] = {}
+    for r in results:
+        if r[0]:
+            out[r[0]] = out.get(r[0], 0) + 1
+    return out
+
+
 def chunked(docs: Iterator[str], n: int) -> Iterator[list[str]]:
     while chunk := list(itertools.islice(docs, n)):
         yield chunk
@@ -121,12 +130,9 @@ class WorkDir:
 
     def staging(self, name: str) -> Path:
         """A local temporary path to write `name` to before `commit`."""
-        if self.url:
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp")
-            os.close(fd)
-            return Path(tmp)
-        Path(self.location).mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.location)
+        if not self.url:
+            Path(self.location).mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=None if self.url else self.location)
         os.close(fd)
         return Path(tmp)
 
@@ -166,11 +172,12 @@ def stage1_key(cfg, decontam=None) -> str:
     return json.dumps(parts, sort_keys=True)
 
 
-def fragment_names(files: list[str], key: str) -> list[str]:
-    """The fragment name of each input file: its position and a hash of (file, its identity, `key`)."""
+def fragment_names(files: list[str], identities: list[dict], key: str) -> list[str]:
+    """The fragment name of each input file: its position and a hash of (file, its identity
+    (`remote.file_identity`), `key`)."""
     out = []
-    for i, f in enumerate(files):
-        ident = json.dumps([remote.file_identity(f), key], sort_keys=True)
+    for i, (f, identity) in enumerate(zip(files, identities)):
+        ident = json.dumps([identity, key], sort_keys=True)
         where = f if remote.is_url(f) else str(Path(f).resolve())
         h = hashlib.blake2b(f"{where}\0{ident}".encode(), digest_size=10).hexdigest()
         out.append(f"{i:06d}-{h}.parquet")

@@ -108,18 +108,6 @@ def build_model_config(cfg: Config, data_vocab: Optional[int]) -> ModelConfig:
     return mc
 
 
-def _sources(cfg: Config) -> list[tuple[str, float]] | None:
-    """--data.mix as (dataset, weight) pairs, or None."""
-    from ember.data.loader import parse_mix
-
-    if not cfg.data.mix:
-        return None
-    if cfg.data.data_dir:
-        raise EmberError("--data.data-dir and --data.mix both given. HINT: put every dataset in --data.mix "
-                         "(DIR:WEIGHT,...) and drop --data.data-dir")
-    return [(str(_local(src)), w) for src, w in parse_mix(cfg.data.mix)]
-
-
 def _local(src: str) -> Path:
     """A dataset dir as given, or the local cache of one at a URL (manifest and tokenizer fetched now)."""
     from ember.data import cache, remote
@@ -127,32 +115,36 @@ def _local(src: str) -> Path:
     return cache.cached_dataset(src) if remote.is_url(src) else Path(src)
 
 
-def _data_dir(cfg: Config, dims) -> Path:
-    """The prepared data: --data.data-dir, the first --data.mix dataset, or the bundled corpus (rank 0
-    prepares it once, the others wait)."""
+def _datasets(cfg: Config, dims) -> list[tuple[Path, float]]:
+    """The prepared data as (local dir, weight): the --data.mix datasets, --data.data-dir, or the bundled
+    corpus (rank 0 prepares it once, the others wait). Datasets at URLs are resolved to their cache once."""
+    from ember.data.loader import parse_mix
     from ember.parallel import barrier
 
     if cfg.data.mix:
-        return Path(_sources(cfg)[0][0])
+        if cfg.data.data_dir:
+            raise EmberError("--data.data-dir and --data.mix both given. HINT: put every dataset in --data.mix "
+                             "(DIR:WEIGHT,...) and drop --data.data-dir")
+        return [(_local(src), w) for src, w in parse_mix(cfg.data.mix)]
     if cfg.data.data_dir:
-        return _local(cfg.data.data_dir)
+        return [(_local(cfg.data.data_dir), 1.0)]
     from ember.data.bundled import prepare_default
 
     if dims.is_main:
         prepare_default()
     barrier(dims)
-    return Path(prepare_default())
+    return [(Path(prepare_default()), 1.0)]
 
 
-def _loaders(cfg: Config, dims, data_dir: Path, block_size: int):
+def _loaders(cfg: Config, dims, datasets: list[tuple[Path, float]], block_size: int):
     from ember.data.loader import MixtureLoader, TokenLoader
 
     kw = dict(block_size=block_size, batch_size=cfg.train.batch_size, dp_rank=dims.dp_rank, dp_size=dims.dp_size,
               seed=cfg.train.seed, verify=cfg.data.verify)
     if cfg.data.mix:
-        sources = _sources(cfg)
+        sources = [(str(d), w) for d, w in datasets]
         return MixtureLoader(sources, "train", **kw), MixtureLoader(sources, "val", **kw)
-    return TokenLoader(data_dir, "train", **kw), TokenLoader(data_dir, "val", **kw)
+    return TokenLoader(datasets[0][0], "train", **kw), TokenLoader(datasets[0][0], "val", **kw)
 
 
 def _samples(cfg: Config, final_dir: Path) -> None:
@@ -175,7 +167,7 @@ def _samples(cfg: Config, final_dir: Path) -> None:
         log(f"--- sample (prompt {prompt!r}) ---\n{prompt}{tok.decode(out)}")
 
 
-def _finish(cfg: Config, run, summary: dict, val: dict, data_dir: Path, tokenizer_dir) -> None:
+def _finish(cfg: Config, run, summary: dict, val: dict, datasets: list[tuple[Path, float]], tokenizer_dir) -> None:
     from ember.data.stats import train_unigram_entropy
     from ember.fileio import atomic_write_text
 
@@ -187,10 +179,9 @@ def _finish(cfg: Config, run, summary: dict, val: dict, data_dir: Path, tokenize
     if cfg.samples.num > 0 and tokenizer_dir is not None:
         _samples(cfg, final_dir)
     if cfg.data.mix:
-        sources = _sources(cfg)
-        baseline = train_unigram_entropy([Path(d) for d, _ in sources], [w for _, w in sources])
+        baseline = train_unigram_entropy([d for d, _ in datasets], [w for _, w in datasets])
     else:
-        baseline = train_unigram_entropy(data_dir)
+        baseline = train_unigram_entropy(datasets[0][0])
     wall = summary["wall_s"]
     lines = [f"steps {trainer.step}, {trainer.tokens_seen:,} tokens, {wall / 60:.1f} min training",
              f"train loss {summary.get('train_loss') or float('nan'):.4f}",
@@ -216,14 +207,15 @@ def _run(cfg: Config, dims) -> int:
     from ember.train.loss import LMLoss
     from ember.train.run import start_run
 
-    data_dir = _data_dir(cfg, dims)
+    datasets = _datasets(cfg, dims)
+    data_dir = datasets[0][0]
     vocab = int(read_manifest(data_dir)["vocab_size"])
     mcfg = build_model_config(cfg, vocab)
     seq_len = cfg.data.block_size or mcfg.block_size
     if seq_len > mcfg.block_size:
         raise EmberError(f"data.block_size={seq_len} exceeds the model's block_size {mcfg.block_size}. "
                          "HINT: lower --data.block-size or raise --model.block-size")
-    train_loader, val_loader = _loaders(cfg, dims, data_dir, seq_len)
+    train_loader, val_loader = _loaders(cfg, dims, datasets, seq_len)
     tok_dir = tokenizer_dir(data_dir)
     run = start_run(cfg, dims, mcfg, LMLoss(cfg.loss), train_loader, val_loader, seq_len=seq_len,
                     meta={"tokenizer_dir": str(tok_dir) if tok_dir else None})
@@ -232,6 +224,6 @@ def _run(cfg: Config, dims) -> int:
     summary = run.train()
     if summary["finished"]:
         val = run.trainer.final_eval()
-        _finish(cfg, run, summary, val, data_dir, tok_dir)
+        _finish(cfg, run, summary, val, datasets, tok_dir)
     run.trainer.close()
     return run.exit_code()
